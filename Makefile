@@ -1,0 +1,49 @@
+# rlox: `make demo` runs the demo, `make test` builds everything and runs all tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.rlox-deps
+BUILD_STAMP := $(VENV)/.rlox-build
+RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
+DEV_DEPS := torch numpy tqdm pytest hypothesis ruff transformers "maturin>=1.7,<2"
+
+.PHONY: install test demo bench lint format clean
+
+install: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(DEV_DEPS)
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(RUST_SRC) pyproject.toml
+	source $(VENV)/bin/activate && maturin develop --release --quiet
+	touch $@
+
+test: install
+	cargo test --quiet
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m rlox.demo
+
+bench: install
+	$(PY) benches/bench_loss.py
+
+lint: install
+	cargo fmt --check
+	cargo clippy --all-targets --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+
+format: install
+	cargo fmt
+	$(VENV)/bin/ruff format python tests benches
+	$(VENV)/bin/ruff check --fix python tests benches
+
+clean:
+	rm -rf target $(VENV) python/rlox/_rlox*.so

@@ -1,0 +1,5 @@
+"""Preference-optimisation algorithms."""
+
+from rlox.algorithms.dpo import DPO
+
+__all__ = ["DPO"]

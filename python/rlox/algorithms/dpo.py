@@ -1,0 +1,377 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) for PyTorch causal language models."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rlox import __version__, _rlox
+from rlox.losses import check_loss_options, dpo_loss
+
+_METRICS = (
+    "loss",
+    "chosen_reward",
+    "rejected_reward",
+    "reward_margin",
+    "reward_accuracy",
+    "chosen_logps",
+    "rejected_logps",
+)
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """A collated batch of B preference pairs in the (2B, L) layout.
+
+    Rows ``i`` and ``B + i`` hold ``prompt_i + chosen_i`` and ``prompt_i + rejected_i``,
+    right-padded. The gather plan lists every completion token once: its row, the position whose
+    logits predict it, and its id.
+    """
+
+    input_ids: Tensor  # (2B, L) int64
+    attention_mask: Tensor  # (2B, L) int64, 1 on real tokens
+    position_ids: Tensor  # (2B, L) int64
+    loss_mask: Tensor  # (2B, L) bool, True on completion tokens
+    chosen_lengths: Tensor  # (B,) int64
+    rejected_lengths: Tensor  # (B,) int64
+    plan_row: Tensor  # (N,) int64
+    plan_position: Tensor  # (N,) int64
+    plan_target: Tensor  # (N,) int64
+
+    @property
+    def num_pairs(self) -> int:
+        return self.chosen_lengths.shape[0]
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        return PairBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def _as_ids(name: str, x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"{name}: token ids must be an integer tensor, got {x.dtype}")
+        x = x.detach().cpu().numpy()
+    elif not isinstance(x, np.ndarray):
+        try:
+            x = np.asarray(x)
+        except ValueError as e:
+            raise ValueError(f"{name}: rows must all have the same length ({e})") from None
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name}: token ids must be integers, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name}: must be 2-D (B, T), got shape {x.shape}")
+    return x
+
+
+def collate_pairs(
+    prompt: Any,
+    chosen: Any,
+    rejected: Any,
+    *,
+    pad_token_id: int | None = None,
+    vocab_size: int | None = None,
+) -> PairBatch:
+    """Re-pack (B, P) prompts and (B, C)/(B, R) completions into one (2B, L) batch (in Rust).
+
+    With ``pad_token_id`` set, pads may sit on either side of a prompt row and at the right end of
+    completion rows; they are removed, so a pad is never context and never a target. Ids equal to
+    the pad id inside a row are kept as real tokens.
+    """
+    out = _rlox.collate_pairs(
+        _as_ids("prompt", prompt),
+        _as_ids("chosen", chosen),
+        _as_ids("rejected", rejected),
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+    )
+    fields = PairBatch.__dataclass_fields__
+    return PairBatch(**{k: torch.from_numpy(out[k]) for k in fields})
+
+
+def _accepted_kwargs(model: nn.Module) -> frozenset[str]:
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset({"attention_mask", "position_ids"})
+    return frozenset(params) & {"attention_mask", "position_ids", "use_cache"}
+
+
+def _logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Tensor:
+    kwargs: dict[str, Any] = {}
+    if "attention_mask" in accepted:
+        kwargs["attention_mask"] = batch.attention_mask
+    if "position_ids" in accepted:
+        kwargs["position_ids"] = batch.position_ids
+    if "use_cache" in accepted:
+        kwargs["use_cache"] = False
+    out = model(batch.input_ids, **kwargs)
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"model: forward must return logits (B, T, V) or an object with .logits, got {type(out).__name__}"
+    )
+
+
+def sequence_logps(
+    model: nn.Module, batch: PairBatch, accepted: frozenset[str] | None = None
+) -> Tensor:
+    """(2B,) float32 sums of log p(token | prefix) over each row's completion tokens only.
+
+    Only the logits that predict completion tokens are normalised (the gather plan), so prompt
+    and padding positions cost nothing beyond the model's forward.
+    """
+    if accepted is None:
+        accepted = _accepted_kwargs(model)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    logits = _logits(model, batch, accepted)
+    rows, length = batch.input_ids.shape
+    if logits.dim() != 3 or logits.shape[:2] != (rows, length):
+        raise ValueError(
+            f"model: expected logits of shape ({rows}, {length}, V), got {tuple(logits.shape)}"
+        )
+    vocab = logits.shape[-1]
+    if int(batch.plan_target.max()) >= vocab:
+        i = int((batch.plan_target >= vocab).nonzero()[0, 0])
+        row = int(batch.plan_row[i])
+        side, pair = ("chosen", row) if row < rows // 2 else ("rejected", row - rows // 2)
+        raise ValueError(f"{side}[{pair}]: token id is outside the model's vocabulary (V={vocab})")
+    picked = logits[batch.plan_row, batch.plan_position].float()
+    token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - picked.logsumexp(-1)
+    return torch.zeros(rows, dtype=torch.float32, device=device).index_add_(
+        0, batch.plan_row, token_logps
+    )
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Hyper-parameters of a :class:`DPO` trainer (saved with checkpoints)."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    pad_token_id: int | None = None
+
+
+class DPO:
+    """Direct Preference Optimization of ``model`` against a frozen ``ref_model``.
+
+    Each step puts chosen and rejected completions through the policy in ONE forward over a
+    (2B, L) batch, runs the reference under ``torch.no_grad()``, and minimises the DPO loss on
+    the summed completion log-probs (computed by the Rust kernel on CPU).
+
+    Args:
+        model: the policy; ``model(input_ids) -> logits (B, T, V)`` or an object with ``.logits``
+            (Hugging Face causal LMs). ``attention_mask`` / ``position_ids`` are passed when its
+            forward accepts them.
+        ref_model: a frozen copy of the initial policy; set to eval mode and ``requires_grad=False``.
+        beta: KL-penalty strength; implicit reward is ``beta * (policy - ref)``.
+        learning_rate: Adam learning rate (ignored when ``optimizer`` is given).
+        max_grad_norm: clip the global gradient norm to this value (``None``: no clipping).
+        loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"``; see :func:`rlox.losses.dpo_loss`.
+        label_smoothing: conservative-DPO eps in [0, 0.5).
+        pad_token_id: id of padding in the input matrices (``None``: no padding).
+        optimizer: a ready optimizer over ``model``'s parameters; Adam by default.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_model: nn.Module,
+        *,
+        beta: float = 0.1,
+        learning_rate: float = 1e-4,
+        max_grad_norm: float | None = 1.0,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        pad_token_id: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        check_loss_options(beta, loss_type, label_smoothing)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(ref_model, nn.Module):
+            raise TypeError(
+                f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}"
+            )
+        if ref_model is model:
+            raise ValueError("ref_model: must be a separate frozen copy (copy.deepcopy(model))")
+        if not (learning_rate > 0 and math.isfinite(learning_rate)):
+            raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: must be > 0 or None, got {max_grad_norm}")
+        if pad_token_id is not None and (
+            isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+        ):
+            raise TypeError(
+                f"pad_token_id: expected an int or None, got {type(pad_token_id).__name__}"
+            )
+        self.config = DPOConfig(
+            beta=float(beta),
+            learning_rate=float(learning_rate),
+            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
+            loss_type=loss_type,
+            label_smoothing=float(label_smoothing),
+            pad_token_id=pad_token_id,
+        )
+        self.model = model
+        self.ref_model = ref_model.eval().requires_grad_(False)
+        self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
+        self.global_step = 0
+        self.skipped_steps = 0
+        self._policy_kwargs = _accepted_kwargs(model)
+        self._ref_kwargs = _accepted_kwargs(ref_model)
+
+    def collate(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
+        """Re-pack id matrices with this trainer's ``pad_token_id`` (see :func:`collate_pairs`)."""
+        return collate_pairs(prompt, chosen, rejected, pad_token_id=self.config.pad_token_id)
+
+    def _loss(self, batch: PairBatch) -> tuple[Tensor, dict[str, float]]:
+        b = batch.num_pairs
+        policy = sequence_logps(self.model, batch, self._policy_kwargs)
+        with torch.no_grad():
+            ref = sequence_logps(self.ref_model, batch, self._ref_kwargs).to(policy.device)
+        cfg = self.config
+        res = dpo_loss(
+            policy[:b],
+            policy[b:],
+            ref[:b],
+            ref[b:],
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing,
+            chosen_lengths=batch.chosen_lengths.to(policy.device),
+            rejected_lengths=batch.rejected_lengths.to(policy.device),
+        )
+        with torch.no_grad():
+            rc, rr = res.chosen_rewards.double(), res.rejected_rewards.double()
+            stats = torch.stack(
+                [
+                    res.loss.detach().double(),
+                    rc.mean(),
+                    rr.mean(),
+                    (rc - rr).mean(),
+                    (rc > rr).double().mean(),
+                    policy[:b].detach().double().mean(),
+                    policy[b:].detach().double().mean(),
+                ]
+            ).tolist()
+        return res.loss, dict(zip(_METRICS, stats, strict=True))
+
+    def _batch(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
+        if isinstance(prompt, PairBatch):
+            if chosen is not None or rejected is not None:
+                raise ValueError(
+                    "chosen: pass either a PairBatch or prompt/chosen/rejected, not both"
+                )
+            return prompt
+        if chosen is None or rejected is None:
+            raise ValueError("chosen: prompt, chosen and rejected are all required")
+        return self.collate(prompt, chosen, rejected)
+
+    def compute_loss(
+        self, prompt: Any, chosen: Any = None, rejected: Any = None
+    ) -> dict[str, float]:
+        """Metrics of one batch without updating anything (policy temporarily in eval mode).
+
+        Accepts (B, P), (B, C), (B, R) id matrices or a :class:`PairBatch`.
+        """
+        batch = self._batch(prompt, chosen, rejected)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                _, metrics = self._loss(batch)
+        finally:
+            self.model.train(was_training)
+        return metrics
+
+    def train_step(self, prompt: Any, chosen: Any = None, rejected: Any = None) -> dict[str, float]:
+        """One optimisation step on B pairs; returns the batch metrics as Python floats.
+
+        Keys: loss, chosen_reward, rejected_reward, reward_margin, reward_accuracy, chosen_logps,
+        rejected_logps, grad_norm (before clipping), skipped (1.0 when a non-finite loss or
+        gradient made the step be skipped; the weights are then left untouched).
+        """
+        batch = self._batch(prompt, chosen, rejected)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, metrics = self._loss(batch)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"]))
+        if skipped:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(
+                f"step {self.global_step}: non-finite loss or gradient; update skipped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            self.optimizer.step()
+            self.global_step += 1
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = float(skipped)
+        return metrics
+
+    def save(self, path: str | Path) -> Path:
+        """Write policy weights (safetensors), optimizer state and config to directory ``path``."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(path / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        meta = {
+            "rlox_version": __version__,
+            "config": asdict(self.config),
+            "optimizer": type(self.optimizer).__name__,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+        }
+        (path / "trainer.json").write_text(json.dumps(meta, indent=2))
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        ref_model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> DPO:
+        """Restore a trainer written by :meth:`save` into ``model`` (no pickled code is run)."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        meta_file = path / "trainer.json"
+        if not meta_file.is_file():
+            raise ValueError(f"path: {path} holds no rlox checkpoint (trainer.json missing)")
+        meta = json.loads(meta_file.read_text())
+        if optimizer is None and meta["optimizer"] != "Adam":
+            raise ValueError(
+                f"optimizer: the checkpoint used {meta['optimizer']}; pass an optimizer of that type"
+            )
+        load_model(model, str(path / "model.safetensors"))
+        trainer = cls(model, ref_model, optimizer=optimizer, **meta["config"])
+        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        trainer.global_step = int(meta["global_step"])
+        trainer.skipped_steps = int(meta["skipped_steps"])
+        return trainer

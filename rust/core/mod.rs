@@ -1,0 +1,6 @@
+//! Pure-Rust core: no Python types. Every function takes slices and returns `RloxError` on bad input.
+
+pub mod collate;
+pub mod errors;
+pub mod fastmath;
+pub mod loss;
