@@ -30,8 +30,9 @@ pub trait Real:
     fn log1p_unit(e: Self) -> Self;
 }
 
-const LN2_HI_F64: f64 = 6.931_471_803_691_238_2e-1;
-const LN2_LO_F64: f64 = 1.908_214_929_270_587_7e-10;
+// ln 2 split so that n * LN2_HI is exact for the exponents used (Cody-Waite reduction).
+const LN2_HI_F64: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+const LN2_LO_F64: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
 
 impl Real for f64 {
     const ZERO: Self = 0.0;
@@ -61,7 +62,11 @@ impl Real for f64 {
     fn exp_nonpos(x: f64) -> f64 {
         // Clamp keeps 2^n a normal number; exp(-708) ~ 3e-308 is as good as zero here.
         let x = if x > -708.0 { x } else { -708.0 };
-        let n = (x * std::f64::consts::LOG2_E - 0.5).ceil();
+        // Round x/ln2 to the nearest integer by adding 1.5 * 2^52: the integer lands in the low
+        // mantissa bits, with no float->int conversion (which would not vectorise well).
+        const SHIFT: f64 = 6_755_399_441_055_744.0;
+        let t = x * std::f64::consts::LOG2_E + SHIFT;
+        let n = t - SHIFT;
         let r = x - n * LN2_HI_F64 - n * LN2_LO_F64;
         // Taylor series of exp(r) on |r| <= ln2/2; truncation error < 2e-17.
         let mut p = 1.0 / 479_001_600.0;
@@ -77,7 +82,8 @@ impl Real for f64 {
         p = p * r + 0.5;
         p = p * r + 1.0;
         p = p * r + 1.0;
-        let scale = f64::from_bits(((n as i64 + 1023) as u64) << 52);
+        let ni = t.to_bits().wrapping_sub(SHIFT.to_bits());
+        let scale = f64::from_bits(ni.wrapping_add(1023) << 52);
         p * scale
     }
 
@@ -107,8 +113,8 @@ impl Real for f64 {
     }
 }
 
-const LN2_HI_F32: f32 = 0.693_145_75;
-const LN2_LO_F32: f32 = 1.428_606_8e-6;
+const LN2_HI_F32: f32 = f32::from_bits(0x3f31_7200);
+const LN2_LO_F32: f32 = f32::from_bits(0x35bf_be8e);
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
@@ -137,7 +143,9 @@ impl Real for f32 {
     #[inline(always)]
     fn exp_nonpos(x: f32) -> f32 {
         let x = if x > -87.0 { x } else { -87.0 };
-        let n = (x * std::f32::consts::LOG2_E - 0.5).ceil();
+        const SHIFT: f32 = 12_582_912.0; // 1.5 * 2^23, see the f64 version.
+        let t = x * std::f32::consts::LOG2_E + SHIFT;
+        let n = t - SHIFT;
         let r = x - n * LN2_HI_F32 - n * LN2_LO_F32;
         let mut p = 1.0 / 5_040.0;
         p = p * r + 1.0 / 720.0;
@@ -147,7 +155,8 @@ impl Real for f32 {
         p = p * r + 0.5;
         p = p * r + 1.0;
         p = p * r + 1.0;
-        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        let ni = t.to_bits().wrapping_sub(SHIFT.to_bits());
+        let scale = f32::from_bits(ni.wrapping_add(127) << 23);
         p * scale
     }
 

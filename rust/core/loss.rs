@@ -8,6 +8,8 @@
 //! One pass computes the per-pair losses, the gradients of the MEAN loss w.r.t. `pi_c` and
 //! `pi_r`, the rewards `beta * u` and the batch metrics. Work is split over rayon chunks.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::errors::{Result, RloxError};
@@ -90,13 +92,14 @@ pub struct LossInputs<'a, T> {
     pub rejected_lengths: Option<&'a [i64]>,
 }
 
-/// Output buffers, all of length B, fully overwritten.
+/// Output buffers, all of length B. They may start uninitialised; on success every element
+/// has been written.
 pub struct LossOutputs<'a, T> {
-    pub losses: &'a mut [T],
-    pub grad_chosen: &'a mut [T],
-    pub grad_rejected: &'a mut [T],
-    pub chosen_rewards: &'a mut [T],
-    pub rejected_rewards: &'a mut [T],
+    pub losses: &'a mut [MaybeUninit<T>],
+    pub grad_chosen: &'a mut [MaybeUninit<T>],
+    pub grad_rejected: &'a mut [MaybeUninit<T>],
+    pub chosen_rewards: &'a mut [MaybeUninit<T>],
+    pub rejected_rewards: &'a mut [MaybeUninit<T>],
 }
 
 /// Batch-level results (means over pairs), accumulated in f64.
@@ -333,6 +336,14 @@ fn lane_sum<T: Real>(x: &[T]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// # Safety
+/// Every element of `x` must be initialised.
+#[inline(always)]
+unsafe fn assume_init<T>(x: &[MaybeUninit<T>]) -> &[T] {
+    // SAFETY: MaybeUninit<T> has the layout of T and the caller guarantees initialisation.
+    unsafe { &*(x as *const [MaybeUninit<T>] as *const [T]) }
+}
+
 /// Elements per inner block: outputs are written, then reduced while still in L1/L2.
 const BLOCK: usize = 2048;
 
@@ -364,11 +375,14 @@ fn chunk_generic<T: Real>(
             inp.rejected_lengths.map(|x| &x[lo..hi]),
             [losses, gc, gr, rc, rr],
         );
-        let (losses, rc, rr) = (
-            &out.losses[lo..hi],
-            &out.chosen_rewards[lo..hi],
-            &out.rejected_rewards[lo..hi],
-        );
+        // SAFETY: `block_kernel` wrote every element of these ranges.
+        let (losses, rc, rr) = unsafe {
+            (
+                assume_init(&out.losses[lo..hi]),
+                assume_init(&out.chosen_rewards[lo..hi]),
+                assume_init(&out.rejected_rewards[lo..hi]),
+            )
+        };
         acc.loss += lane_sum(losses);
         acc.chosen_reward += lane_sum(rc);
         acc.rejected_reward += lane_sum(rr);
@@ -391,7 +405,7 @@ fn block_kernel<T: Real>(
     rfr: &[T],
     lc: Option<&[i64]>,
     lr: Option<&[i64]>,
-    out: [&mut [T]; 5],
+    out: [&mut [MaybeUninit<T>]; 5],
 ) -> bool {
     let [losses, gc, gr, rc, rr] = out;
     let m = losses.len();
@@ -408,11 +422,11 @@ fn block_kernel<T: Real>(
                 let ur = pr[i] - rfr[i];
                 let (loss, dd) = sigmoid_terms(beta, eps, uc - ur);
                 let g = dd * inv_n;
-                losses[i] = loss;
-                gc[i] = g;
-                gr[i] = -g;
-                rc[i] = beta * uc;
-                rr[i] = beta * ur;
+                losses[i].write(loss);
+                gc[i].write(g);
+                gr[i].write(-g);
+                rc[i].write(beta * uc);
+                rr[i].write(beta * ur);
             }
         }
         LossType::Hinge => {
@@ -422,11 +436,11 @@ fn block_kernel<T: Real>(
                 let h = T::ONE - beta * (uc - ur);
                 let active = h > T::ZERO;
                 let g = if active { -beta * inv_n } else { T::ZERO };
-                losses[i] = if active { h } else { T::ZERO };
-                gc[i] = g;
-                gr[i] = -g;
-                rc[i] = beta * uc;
-                rr[i] = beta * ur;
+                losses[i].write(if active { h } else { T::ZERO });
+                gc[i].write(g);
+                gr[i].write(-g);
+                rc[i].write(beta * uc);
+                rr[i].write(beta * ur);
             }
         }
         LossType::Ipo => {
@@ -440,11 +454,11 @@ fn block_kernel<T: Real>(
                 let ilr = T::ONE / T::from_i64(lr[i]);
                 let d = uc * ilc - ur * ilr - target;
                 let g = two * d * inv_n;
-                losses[i] = d * d;
-                gc[i] = g * ilc;
-                gr[i] = -(g * ilr);
-                rc[i] = beta * uc;
-                rr[i] = beta * ur;
+                losses[i].write(d * d);
+                gc[i].write(g * ilc);
+                gr[i].write(-(g * ilr));
+                rc[i].write(beta * uc);
+                rr[i].write(beta * ur);
             }
         }
     }
@@ -467,28 +481,51 @@ mod tests {
         summary: Result<LossSummary>,
     }
 
+    fn buf<T: Real>(n: usize) -> Vec<MaybeUninit<T>> {
+        vec![MaybeUninit::uninit(); n]
+    }
+
+    fn init<T: Real>(v: Vec<MaybeUninit<T>>) -> Vec<T> {
+        // SAFETY: the kernel succeeded, so it wrote every element.
+        v.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+    }
+
     fn run<T: Real>(cfg: LossConfig, inp: LossInputs<'_, T>) -> Run<T> {
         let n = inp.policy_chosen.len();
-        let mut r = Run {
-            losses: vec![T::ZERO; n],
-            gc: vec![T::ZERO; n],
-            gr: vec![T::ZERO; n],
-            rc: vec![T::ZERO; n],
-            rr: vec![T::ZERO; n],
-            summary: Ok(LossSummary::default()),
+        let mut o: Vec<Vec<MaybeUninit<T>>> = (0..5).map(|_| buf(n)).collect();
+        let [l, gc, gr, rc, rr] = &mut o[..] else {
+            unreachable!()
         };
-        r.summary = dpo_loss(
+        let summary = dpo_loss(
             &cfg,
             &inp,
             LossOutputs {
-                losses: &mut r.losses,
-                grad_chosen: &mut r.gc,
-                grad_rejected: &mut r.gr,
-                chosen_rewards: &mut r.rc,
-                rejected_rewards: &mut r.rr,
+                losses: l,
+                grad_chosen: gc,
+                grad_rejected: gr,
+                chosen_rewards: rc,
+                rejected_rewards: rr,
             },
         );
-        r
+        if summary.is_err() {
+            return Run {
+                losses: vec![],
+                gc: vec![],
+                gr: vec![],
+                rc: vec![],
+                rr: vec![],
+                summary,
+            };
+        }
+        let mut it = o.into_iter().map(init);
+        Run {
+            losses: it.next().unwrap(),
+            gc: it.next().unwrap(),
+            gr: it.next().unwrap(),
+            rc: it.next().unwrap(),
+            rr: it.next().unwrap(),
+            summary,
+        }
     }
 
     fn inputs<'a>(

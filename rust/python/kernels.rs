@@ -1,5 +1,7 @@
 //! `dpo_loss` and `collate_pairs`: numpy in (zero-copy), numpy out (no copy), GIL released.
 
+use std::mem::MaybeUninit;
+
 use numpy::{
     Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1,
     PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
@@ -135,19 +137,19 @@ fn run_loss<'py, T: Real + Element>(
         .map(|l| l.map(|a| a.as_slice().expect("contiguous")))
         .collect();
     // numpy allocates large arrays with transparent huge pages, which makes first touch cheap.
-    let outs: Vec<Bound<'py, PyArray1<T>>> =
-        (0..5).map(|_| PyArray1::<T>::zeros(py, n, false)).collect();
-    let mut guards: Vec<_> = outs.iter().map(|a| a.readwrite()).collect();
-    let [l, gc, gr, rc, rr] = &mut guards[..] else {
+    // Uninitialised numpy arrays (np.empty): numpy's allocator uses huge pages for large
+    // arrays and nothing is zeroed; the kernel writes every element before Python sees them.
+    let outs: Vec<Bound<'py, PyArray1<T>>> = (0..5)
+        .map(|_| unsafe { PyArray1::<T>::new(py, n, false) })
+        .collect();
+    let mut bufs: Vec<&mut [MaybeUninit<T>]> = outs
+        .iter()
+        // SAFETY: fresh, contiguous, unaliased arrays of n elements that outlive the slices.
+        .map(|a| unsafe { std::slice::from_raw_parts_mut(a.data() as *mut MaybeUninit<T>, n) })
+        .collect();
+    let [l, gc, gr, rc, rr] = &mut bufs[..] else {
         unreachable!("five outputs")
     };
-    let (l, gc, gr, rc, rr) = (
-        l.as_slice_mut().expect("contiguous"),
-        gc.as_slice_mut().expect("contiguous"),
-        gr.as_slice_mut().expect("contiguous"),
-        rc.as_slice_mut().expect("contiguous"),
-        rr.as_slice_mut().expect("contiguous"),
-    );
     let inputs = LossInputs {
         policy_chosen: slices[0],
         policy_rejected: slices[1],
@@ -171,7 +173,7 @@ fn run_loss<'py, T: Real + Element>(
             )
         })
         .map_err(to_py)?;
-    drop(guards);
+    drop(bufs);
     let mut it = outs.into_iter().map(|a| a.into_any().unbind());
     let mut next = || it.next().expect("five outputs");
     Ok(DPOLossOutput {
