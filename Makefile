@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.rlox-deps
 BUILD_STAMP := $(VENV)/.rlox-build
 RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
-DEV_DEPS := torch numpy tqdm pytest hypothesis ruff transformers "maturin>=1.7,<2"
 
 .PHONY: install test demo bench lint format clean
 
@@ -15,13 +14,13 @@ install: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(DEV_DEPS)
+# maturin installs the package's dependencies and the `dev` extra listed in pyproject.toml.
+$(DEPS_STAMP): | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip "maturin>=1.7,<2"
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(RUST_SRC) pyproject.toml
-	source $(VENV)/bin/activate && maturin develop --release --quiet
+	source $(VENV)/bin/activate && maturin develop --release --extras dev --quiet
 	touch $@
 
 test: install

@@ -7,6 +7,7 @@ pass; on any other device the same math runs in pure PyTorch. Both paths agree t
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -38,11 +39,11 @@ def check_loss_options(beta: float, loss_type: str, label_smoothing: float) -> N
         raise ValueError(
             f"loss_type: unknown loss type {loss_type!r}; expected one of {LOSS_TYPES}"
         )
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta: expected a float, got {type(beta).__name__}")
     if not (math.isfinite(beta) and beta > 0):
         raise ValueError(f"beta: must be a finite number > 0, got {beta}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing: expected a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing: must be in [0, 0.5), got {label_smoothing}")
@@ -59,6 +60,11 @@ def _check_tensors(logps: tuple[Tensor, ...], lengths: tuple[Tensor | None, ...]
             raise TypeError(f"{name}: must be a floating-point tensor, got {t.dtype}")
         if t.dim() != 1:
             raise ValueError(f"{name}: must be 1-D (B,), got shape {tuple(t.shape)}")
+        if t.dtype != logps[0].dtype:
+            raise TypeError(
+                f"{name}: dtype {t.dtype} differs from policy_chosen_logps ({logps[0].dtype}); "
+                "pass all four log-prob tensors in one dtype"
+            )
         if t.shape != logps[0].shape:
             raise ValueError(
                 f"{name}: has length {t.shape[0]} but policy_chosen_logps has {logps[0].shape[0]}"
@@ -66,8 +72,17 @@ def _check_tensors(logps: tuple[Tensor, ...], lengths: tuple[Tensor | None, ...]
     if logps[0].shape[0] == 0:
         raise ValueError("policy_chosen_logps: is empty; need at least one pair")
     for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
-        if t is not None and (not isinstance(t, Tensor) or t.shape != logps[0].shape):
-            raise ValueError(f"{name}: must be a (B,) tensor matching the log-probs")
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name}: completion lengths must be an integer tensor, got {t.dtype}")
+        if t.shape != logps[0].shape:
+            raise ValueError(
+                f"{name}: must have shape {tuple(logps[0].shape)} like the log-probs, "
+                f"got {tuple(t.shape)}"
+            )
 
 
 def _torch_loss(
@@ -89,6 +104,8 @@ def _torch_loss(
     z = beta * (uc - ur)
     if loss_type == "sigmoid":
         nls = torch.nn.functional.logsigmoid
+        if eps == 0.0:  # dropped, not multiplied by 0: 0 * inf would be NaN
+            return -nls(z)
         return -(1.0 - eps) * nls(z) - eps * nls(-z)
     return torch.relu(1.0 - z)
 

@@ -38,7 +38,7 @@ impl<'a> IdMatrix<'a> {
 pub struct PairBatch {
     pub rows: usize,
     pub length: usize,
-    /// `(2B, L)` token ids; padding holds `pad_token_id` (or 0 without one).
+    /// `(2B, L)` token ids; padding holds `pad_token_id` (or 0 without one or if it is negative).
     pub input_ids: Vec<i64>,
     /// `(2B, L)` 1 on real tokens, 0 on padding.
     pub attention_mask: Vec<i64>,
@@ -138,7 +138,8 @@ pub fn collate_pairs(
         .max()
         .unwrap_or(0);
     let rows = 2 * b;
-    let fill = pad_token_id.unwrap_or(0);
+    // Padding slots hold the pad id when it is a valid id, else 0; they are masked either way.
+    let fill = pad_token_id.filter(|&p| p >= 0).unwrap_or(0);
     let mut input_ids = vec![fill; rows * length];
     let mut attention_mask = vec![0i64; rows * length];
     let mut loss_mask = vec![false; rows * length];

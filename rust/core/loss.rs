@@ -112,22 +112,53 @@ pub struct LossSummary {
     pub rejected_reward: f64,
 }
 
+/// A compensated (Neumaier) f64 sum: `hi + lo` carries the rounding error of each addition, so
+/// batch means stay within about one ulp however many pairs are summed.
+#[derive(Default, Clone, Copy, Debug)]
+struct Sum {
+    hi: f64,
+    lo: f64,
+}
+
+impl Sum {
+    #[inline(always)]
+    fn add(&mut self, x: f64) {
+        let t = self.hi + x;
+        self.lo += if self.hi.abs() >= x.abs() {
+            (self.hi - t) + x
+        } else {
+            (x - t) + self.hi
+        };
+        self.hi = t;
+    }
+
+    fn merge(mut self, o: Self) -> Self {
+        self.add(o.hi);
+        self.lo += o.lo;
+        self
+    }
+
+    fn value(self) -> f64 {
+        self.hi + self.lo
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct Partial {
-    loss: f64,
+    loss: Sum,
     correct: u64,
-    chosen_reward: f64,
-    rejected_reward: f64,
+    chosen_reward: Sum,
+    rejected_reward: Sum,
     non_finite: bool,
 }
 
 impl Partial {
     fn merge(self, o: Self) -> Self {
         Self {
-            loss: self.loss + o.loss,
+            loss: self.loss.merge(o.loss),
             correct: self.correct + o.correct,
-            chosen_reward: self.chosen_reward + o.chosen_reward,
-            rejected_reward: self.rejected_reward + o.rejected_reward,
+            chosen_reward: self.chosen_reward.merge(o.chosen_reward),
+            rejected_reward: self.rejected_reward.merge(o.rejected_reward),
             non_finite: self.non_finite | o.non_finite,
         }
     }
@@ -269,11 +300,16 @@ pub fn dpo_loss<T: Real>(
     }
     let nf = n as f64;
     Ok(LossSummary {
-        loss: total.loss / nf,
+        loss: total.loss.value() / nf,
         reward_accuracy: total.correct as f64 / nf,
-        reward_margin: (total.chosen_reward - total.rejected_reward) / nf,
-        chosen_reward: total.chosen_reward / nf,
-        rejected_reward: total.rejected_reward / nf,
+        reward_margin: {
+            let mut m = total.chosen_reward;
+            m.add(-total.rejected_reward.hi);
+            m.lo -= total.rejected_reward.lo;
+            m.value() / nf
+        },
+        chosen_reward: total.chosen_reward.value() / nf,
+        rejected_reward: total.rejected_reward.value() / nf,
     })
 }
 
@@ -306,7 +342,7 @@ unsafe fn chunk_avx2<T: Real>(
 
 /// Per-pair loss and d(loss_i)/d(delta_i) for one loss type; `delta` is the log-ratio margin.
 #[inline(always)]
-fn sigmoid_terms<T: Real>(beta: T, eps: T, delta: T) -> (T, T) {
+fn sigmoid_terms<T: Real, const SMOOTH: bool>(beta: T, eps: T, delta: T) -> (T, T) {
     let z = beta * delta;
     let e = T::exp_nonpos(-z.abs());
     let l = T::log1p_unit(e);
@@ -317,23 +353,39 @@ fn sigmoid_terms<T: Real>(beta: T, eps: T, delta: T) -> (T, T) {
     let inv = T::ONE / (T::ONE + e);
     let sig_z = if pos { inv } else { e * inv };
     let sig_neg = if pos { e * inv } else { inv };
-    let loss = (T::ONE - eps) * (relu_neg + l) + eps * (relu_z + l);
-    let dz = eps * sig_z - (T::ONE - eps) * sig_neg;
-    (loss, dz * beta)
+    if SMOOTH {
+        let loss = (T::ONE - eps) * (relu_neg + l) + eps * (relu_z + l);
+        let dz = eps * sig_z - (T::ONE - eps) * sig_neg;
+        (loss, dz * beta)
+    } else {
+        // Without smoothing the eps terms are dropped, not multiplied by 0 (0 * inf = NaN).
+        (relu_neg + l, -sig_neg * beta)
+    }
 }
 
-/// Sum of `x` in f64 with independent lanes, so the loop vectorises.
+/// Kahan-compensated sum of `x` in f64 over independent lanes, so the loop vectorises.
 #[inline(always)]
-fn lane_sum<T: Real>(x: &[T]) -> f64 {
-    let mut lanes = [0.0f64; 8];
+fn lane_sum<T: Real>(x: &[T]) -> Sum {
+    let mut sum = [0.0f64; 8];
+    let mut comp = [0.0f64; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
         for k in 0..8 {
-            lanes[k] += c[k].to_f64();
+            let y = c[k].to_f64() - comp[k];
+            let t = sum[k] + y;
+            comp[k] = (t - sum[k]) - y;
+            sum[k] = t;
         }
     }
-    let tail: f64 = it.remainder().iter().map(|v| v.to_f64()).sum();
-    lanes.iter().sum::<f64>() + tail
+    let mut total = Sum::default();
+    for k in 0..8 {
+        total.add(sum[k]);
+        total.add(-comp[k]);
+    }
+    for v in it.remainder() {
+        total.add(v.to_f64());
+    }
+    total
 }
 
 /// # Safety
@@ -383,9 +435,9 @@ fn chunk_generic<T: Real>(
                 assume_init(&out.rejected_rewards[lo..hi]),
             )
         };
-        acc.loss += lane_sum(losses);
-        acc.chosen_reward += lane_sum(rc);
-        acc.rejected_reward += lane_sum(rr);
+        acc.loss = acc.loss.merge(lane_sum(losses));
+        acc.chosen_reward = acc.chosen_reward.merge(lane_sum(rc));
+        acc.rejected_reward = acc.rejected_reward.merge(lane_sum(rr));
         acc.correct += rc.iter().zip(rr).map(|(a, b)| (a > b) as u64).sum::<u64>();
         acc.non_finite |= !finite;
         lo = hi;
@@ -417,10 +469,15 @@ fn block_kernel<T: Real>(
     let mut finite = true;
     match cfg.loss_type {
         LossType::Sigmoid => {
+            let smooth = cfg.label_smoothing > 0.0;
             for i in 0..m {
                 let uc = pc[i] - rfc[i];
                 let ur = pr[i] - rfr[i];
-                let (loss, dd) = sigmoid_terms(beta, eps, uc - ur);
+                let (loss, dd) = if smooth {
+                    sigmoid_terms::<T, true>(beta, eps, uc - ur)
+                } else {
+                    sigmoid_terms::<T, false>(beta, eps, uc - ur)
+                };
                 let g = dd * inv_n;
                 losses[i].write(loss);
                 gc[i].write(g);

@@ -2,6 +2,7 @@
 
 use std::mem::MaybeUninit;
 
+use numpy::npyffi::NPY_ARRAY_ALIGNED;
 use numpy::{
     Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1,
     PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
@@ -34,13 +35,63 @@ fn ndarray<'py>(
             format!("must be {ndim}-D, got shape {:?}", arr.shape()),
         )));
     }
-    if arr.is_c_contiguous() {
+    // SAFETY: `arr` is a live numpy array; reading its flags field is always valid.
+    let flags = unsafe { (*arr.as_array_ptr()).fields.flags };
+    if arr.is_c_contiguous() && flags & NPY_ARRAY_ALIGNED != 0 {
         return Ok(arr.clone());
     }
+    // Strided or misaligned views are copied once into an aligned C-contiguous array.
     let np = obj.py().import("numpy")?;
     Ok(np
-        .call_method1("ascontiguousarray", (arr,))?
+        .call_method1("require", (arr, obj.py().None(), "CA"))?
         .cast_into::<PyUntypedArray>()?)
+}
+
+/// A float option; overflow or a non-number becomes an error naming the option.
+fn float_arg(name: &str, obj: Option<&Bound<'_, PyAny>>, default: f64) -> PyResult<f64> {
+    let Some(obj) = obj else {
+        return Ok(default);
+    };
+    if obj.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(to_py(RloxError::type_error(
+            name,
+            "expected a number, got bool",
+        )));
+    }
+    obj.extract::<f64>().map_err(|e| {
+        if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) {
+            to_py(RloxError::value(name, "number is too large"))
+        } else {
+            to_py(RloxError::type_error(
+                name,
+                format!(
+                    "expected a number, got {}",
+                    obj.get_type()
+                        .name()
+                        .map_or_else(|_| "?".into(), |n| n.to_string())
+                ),
+            ))
+        }
+    })
+}
+
+/// An optional integer option; overflow or a non-integer becomes an error naming the option.
+fn int_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
+    match obj {
+        None => Ok(None),
+        Some(o) if o.is_none() => Ok(None),
+        Some(o) if o.is_instance_of::<pyo3::types::PyBool>() => Err(to_py(RloxError::type_error(
+            name,
+            "expected an int, got bool",
+        ))),
+        Some(o) => o.extract::<i64>().map(Some).map_err(|e| {
+            if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(o.py()) {
+                to_py(RloxError::value(name, "integer does not fit in 64 bits"))
+            } else {
+                to_py(RloxError::type_error(name, "expected an int or None"))
+            }
+        }),
+    }
 }
 
 fn dtype_name(arr: &Bound<'_, PyUntypedArray>) -> String {
@@ -192,10 +243,16 @@ fn run_loss<'py, T: Real + Element>(
 
 /// Fused DPO loss, gradients, rewards and metrics over four `(B,)` log-prob arrays.
 #[pyfunction]
-#[pyo3(signature = (
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-    beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None
-))]
+#[pyo3(
+    signature = (
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+        beta=None, loss_type="sigmoid", label_smoothing=None, chosen_lengths=None,
+        rejected_lengths=None
+    ),
+    text_signature = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, \
+        ref_rejected_logps, *, beta=0.1, loss_type='sigmoid', label_smoothing=0.0, \
+        chosen_lengths=None, rejected_lengths=None)"
+)]
 #[allow(clippy::too_many_arguments)]
 fn dpo_loss<'py>(
     py: Python<'py>,
@@ -203,13 +260,15 @@ fn dpo_loss<'py>(
     policy_rejected_logps: &Bound<'py, PyAny>,
     ref_chosen_logps: &Bound<'py, PyAny>,
     ref_rejected_logps: &Bound<'py, PyAny>,
-    beta: f64,
+    beta: Option<&Bound<'py, PyAny>>,
     loss_type: &str,
-    label_smoothing: f64,
+    label_smoothing: Option<&Bound<'py, PyAny>>,
     chosen_lengths: Option<&Bound<'py, PyAny>>,
     rejected_lengths: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<DPOLossOutput> {
     let lt = LossType::parse(loss_type).map_err(to_py)?;
+    let beta = float_arg("beta", beta, 0.1)?;
+    let label_smoothing = float_arg("label_smoothing", label_smoothing, 0.0)?;
     let cfg = LossConfig::new(lt, beta, label_smoothing).map_err(to_py)?;
     let names = [
         "policy_chosen_logps",
@@ -281,9 +340,11 @@ fn collate_pairs<'py>(
     prompt: &Bound<'py, PyAny>,
     chosen: &Bound<'py, PyAny>,
     rejected: &Bound<'py, PyAny>,
-    pad_token_id: Option<i64>,
-    vocab_size: Option<i64>,
+    pad_token_id: Option<&Bound<'py, PyAny>>,
+    vocab_size: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let pad_token_id = int_arg("pad_token_id", pad_token_id)?;
+    let vocab_size = int_arg("vocab_size", vocab_size)?;
     let arrays = [
         ("prompt", id_matrix("prompt", prompt)?),
         ("chosen", id_matrix("chosen", chosen)?),

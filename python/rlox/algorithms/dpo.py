@@ -97,6 +97,24 @@ def collate_pairs(
     return PairBatch(**{k: torch.from_numpy(out[k]) for k in fields})
 
 
+def model_vocab_size(model: nn.Module) -> int | None:
+    """An upper bound on the token ids ``model`` accepts, or None if it cannot be told.
+
+    ``model.config.vocab_size`` or the input embedding where the model names them, else the
+    largest ``nn.Embedding`` in the model (no valid id is ever at or above it).
+    """
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        emb = get()
+        if isinstance(emb, nn.Embedding):
+            return emb.num_embeddings
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(sizes) if sizes else None
+
+
 def _accepted_kwargs(model: nn.Module) -> frozenset[str]:
     params = inspect.signature(model.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -233,18 +251,31 @@ class DPO:
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
         self.global_step = 0
         self.skipped_steps = 0
+        self.vocab_size = model_vocab_size(model)
         self._policy_kwargs = _accepted_kwargs(model)
         self._ref_kwargs = _accepted_kwargs(ref_model)
 
     def collate(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         """Re-pack id matrices with this trainer's ``pad_token_id`` (see :func:`collate_pairs`)."""
-        return collate_pairs(prompt, chosen, rejected, pad_token_id=self.config.pad_token_id)
+        return collate_pairs(
+            prompt,
+            chosen,
+            rejected,
+            pad_token_id=self.config.pad_token_id,
+            vocab_size=self.vocab_size,
+        )
 
-    def _loss(self, batch: PairBatch) -> tuple[Tensor, dict[str, float]]:
+    def _loss(self, batch: PairBatch) -> tuple[Tensor | None, dict[str, float]]:
+        """The differentiable loss and the metrics; the loss is None when log-probs are not finite."""
         b = batch.num_pairs
         policy = sequence_logps(self.model, batch, self._policy_kwargs)
         with torch.no_grad():
             ref = sequence_logps(self.ref_model, batch, self._ref_kwargs).to(policy.device)
+            if not bool(torch.isfinite(policy).all() & torch.isfinite(ref).all()):
+                metrics = dict.fromkeys(_METRICS, math.nan)
+                metrics["chosen_logps"] = policy[:b].double().mean().item()
+                metrics["rejected_logps"] = policy[b:].double().mean().item()
+                return None, metrics
         cfg = self.config
         res = dpo_loss(
             policy[:b],
@@ -311,10 +342,14 @@ class DPO:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self._loss(batch)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = math.nan
+        if loss is not None:
+            loss.backward()
+            params = [
+                p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
+            ]
+            max_norm = self.config.max_grad_norm or math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         skipped = not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"]))
         if skipped:
             self.skipped_steps += 1
