@@ -432,6 +432,23 @@ def test_train_step_updates_policy_only():
     assert trainer.global_step == 1
 
 
+def test_non_finite_step_is_skipped_and_weights_untouched():
+    """A policy whose logits are NaN: the step is skipped with a warning, nothing is updated."""
+    policy, ref = make_pair(seed=7)
+    trainer = rlox.DPO(policy, ref, pad_token_id=PAD, learning_rate=1e-2)
+    with torch.no_grad():
+        policy.head.bias.fill_(math.nan)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        metrics = trainer.train_step(prompt=PROMPT, chosen=CHOSEN, rejected=REJECTED)
+    assert metrics["skipped"] == 1.0
+    assert math.isnan(metrics["loss"]) and math.isnan(metrics["grad_norm"])
+    assert trainer.global_step == 0 and trainer.skipped_steps == 1
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, before[k]) or (v.isnan() == before[k].isnan()).all(), k
+    assert all(p.grad is None for p in policy.parameters())
+
+
 def test_one_forward_per_model_per_step():
     policy, ref = make_pair(seed=7)
     calls = {"policy": [], "ref": []}
