@@ -82,6 +82,7 @@ def main() -> None:
     lens_f = [x.astype(np.float32) for x in lens]
     tens = [torch.from_numpy(a) for a in arrs]
     tlens = [torch.from_numpy(x) for x in lens_f]
+    tlens_int = [torch.from_numpy(x) for x in lens]
     print(
         f"rlox {rlox.__version__} | torch {torch.__version__} ({args.threads} threads) | "
         f"numpy {np.__version__} | {platform.processor() or platform.machine()}, "
@@ -94,7 +95,11 @@ def main() -> None:
     print("-" * len(header))
     for lt in ("sigmoid", "hinge", "ipo"):
         kw = {"chosen_lengths": lens[0], "rejected_lengths": lens[1]} if lt == "ipo" else {}
-        tkw = {"chosen_lengths": tlens[0], "rejected_lengths": tlens[1]} if lt == "ipo" else {}
+        tkw = (
+            {"chosen_lengths": tlens_int[0], "rejected_lengths": tlens_int[1]}
+            if lt == "ipo"
+            else {}
+        )
         t_rust = timeit(
             lambda lt=lt, kw=kw: rlox.dpo_loss(*arrs, beta=0.1, loss_type=lt, **kw), args.repeats
         )
@@ -102,8 +107,7 @@ def main() -> None:
         def entry(lt=lt, tkw=tkw):
             pc = tens[0].detach().requires_grad_()
             pr = tens[1].detach().requires_grad_()
-            kw2 = {k: v.long() for k, v in tkw.items()}
-            torch_entry(pc, pr, tens[2], tens[3], beta=0.1, loss_type=lt, **kw2).loss.backward()
+            torch_entry(pc, pr, tens[2], tens[3], beta=0.1, loss_type=lt, **tkw).loss.backward()
 
         t_entry = timeit(entry, args.repeats)
         t_torch = timeit(lambda lt=lt: torch_eager(*tens, 0.1, lt, *tlens), args.repeats)

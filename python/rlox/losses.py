@@ -143,15 +143,25 @@ class _RustDPOLoss(torch.autograd.Function):
         rewards_c = torch.from_numpy(out.chosen_rewards).to(pc.dtype)
         rewards_r = torch.from_numpy(out.rejected_rewards).to(pc.dtype)
         ctx.mark_non_differentiable(rewards_c, rewards_r)
+        ctx.set_materialize_grads(False)
         return torch.tensor(out.loss, dtype=pc.dtype), losses, rewards_c, rewards_r
 
     @staticmethod
     def backward(ctx, g_loss, g_losses, _g_rc, _g_rr):  # noqa: D102
         grad_c, grad_r = ctx.saved_tensors
-        # grad_* are d(mean)/d(logp); d(loss_i)/d(logp_i) is B times that.
-        scale = g_loss + g_losses * ctx.batch
-        gc = scale * grad_c
-        gr = scale * grad_r
+        gc = gr = None
+        if g_loss is not None:
+            if float(g_loss) == 1.0:  # the usual loss.backward(): hand the kernel's arrays over
+                gc, gr = grad_c, grad_r
+            else:
+                gc, gr = grad_c * g_loss, grad_r * g_loss
+        if g_losses is not None:
+            # grad_* are d(mean)/d(logp); d(loss_i)/d(logp_i) is B times that.
+            scale = g_losses * ctx.batch
+            gc = scale * grad_c if gc is None else gc + scale * grad_c
+            gr = scale * grad_r if gr is None else gr + scale * grad_r
+        if gc is None:
+            return (None,) * 9
         need = ctx.needs_input_grad
         d_pc, d_pr, d_rc, d_rr = ctx.dtypes
         return (
