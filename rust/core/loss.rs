@@ -138,6 +138,12 @@ impl Sum {
         self
     }
 
+    fn minus(mut self, o: Self) -> Self {
+        self.add(-o.hi);
+        self.lo -= o.lo;
+        self
+    }
+
     fn value(self) -> f64 {
         self.hi + self.lo
     }
@@ -302,12 +308,7 @@ pub fn dpo_loss<T: Real>(
     Ok(LossSummary {
         loss: total.loss.value() / nf,
         reward_accuracy: total.correct as f64 / nf,
-        reward_margin: {
-            let mut m = total.chosen_reward;
-            m.add(-total.rejected_reward.hi);
-            m.lo -= total.rejected_reward.lo;
-            m.value() / nf
-        },
+        reward_margin: total.chosen_reward.minus(total.rejected_reward).value() / nf,
         chosen_reward: total.chosen_reward.value() / nf,
         rejected_reward: total.rejected_reward.value() / nf,
     })
