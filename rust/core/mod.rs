@@ -1,6 +1,9 @@
 //! Pure-Rust core: no Python types. Every function takes slices and returns `RloxError` on bad input.
 
 pub mod collate;
+pub mod disk;
 pub mod errors;
 pub mod fastmath;
 pub mod loss;
+pub mod plan;
+pub mod store;

@@ -17,7 +17,7 @@ use crate::core::fastmath::Real;
 use crate::core::loss::{dpo_loss as core_loss, LossConfig, LossInputs, LossOutputs, LossType};
 
 /// `obj` as a C-contiguous numpy array with `ndim` dimensions (copied only if not contiguous).
-fn ndarray<'py>(
+pub(super) fn ndarray<'py>(
     name: &str,
     obj: &Bound<'py, PyAny>,
     ndim: usize,
@@ -48,7 +48,7 @@ fn ndarray<'py>(
 }
 
 /// A float option; overflow or a non-number becomes an error naming the option.
-fn float_arg(name: &str, obj: Option<&Bound<'_, PyAny>>, default: f64) -> PyResult<f64> {
+pub(super) fn float_arg(name: &str, obj: Option<&Bound<'_, PyAny>>, default: f64) -> PyResult<f64> {
     let Some(obj) = obj else {
         return Ok(default);
     };
@@ -76,7 +76,7 @@ fn float_arg(name: &str, obj: Option<&Bound<'_, PyAny>>, default: f64) -> PyResu
 }
 
 /// An optional integer option; overflow or a non-integer becomes an error naming the option.
-fn int_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
+pub(super) fn int_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
     match obj {
         None => Ok(None),
         Some(o) if o.is_none() => Ok(None),
@@ -94,12 +94,12 @@ fn int_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> 
     }
 }
 
-fn dtype_name(arr: &Bound<'_, PyUntypedArray>) -> String {
+pub(super) fn dtype_name(arr: &Bound<'_, PyUntypedArray>) -> String {
     arr.dtype().to_string()
 }
 
 /// Integer arrays of any integer dtype, converted to int64 (copied only if not already int64).
-fn int64_array<'py>(
+pub(super) fn int64_array<'py>(
     name: &str,
     obj: &Bound<'py, PyAny>,
     ndim: usize,
@@ -361,29 +361,7 @@ fn collate_pairs<'py>(
     let batch = py
         .detach(|| core_collate(mats[0], mats[1], mats[2], pad_token_id, vocab_size))
         .map_err(to_py)?;
-    let (rows, len) = (batch.rows, batch.length);
-    let out = PyDict::new(py);
-    let matrix = |v: Vec<i64>| -> PyResult<Bound<'py, PyAny>> {
-        Ok(PyArray1::from_vec(py, v).reshape([rows, len])?.into_any())
-    };
-    out.set_item("input_ids", matrix(batch.input_ids)?)?;
-    out.set_item("attention_mask", matrix(batch.attention_mask)?)?;
-    out.set_item("position_ids", matrix(batch.position_ids)?)?;
-    out.set_item(
-        "loss_mask",
-        PyArray1::from_vec(py, batch.loss_mask).reshape([rows, len])?,
-    )?;
-    for (key, v) in [
-        ("prompt_lengths", batch.prompt_lengths),
-        ("chosen_lengths", batch.chosen_lengths),
-        ("rejected_lengths", batch.rejected_lengths),
-        ("plan_row", batch.plan_row),
-        ("plan_position", batch.plan_position),
-        ("plan_target", batch.plan_target),
-    ] {
-        out.set_item(key, PyArray1::from_vec(py, v))?;
-    }
-    Ok(out)
+    super::data::collated_dict(py, batch)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,5 +1,6 @@
 //! PyO3 bindings: type conversion, GIL release and error mapping only.
 
+mod data;
 mod errors;
 mod kernels;
 
@@ -9,5 +10,6 @@ use pyo3::prelude::*;
 fn _rlox(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     kernels::register(m)?;
+    data::register(m)?;
     Ok(())
 }

@@ -1,0 +1,493 @@
+//! `PairStore`: the Rust ragged store behind `rlox.data.PreferenceDataset`.
+//!
+//! It holds six numpy arrays (numpy, Arrow or memory-mapped memory, never copied when they are
+//! int32/int64 and contiguous) and borrows them as slices for each call, with the GIL released.
+
+use std::path::PathBuf;
+
+use numpy::{
+    PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use super::errors::to_py;
+use super::kernels::{dtype_name, int64_array, int_arg, ndarray};
+use crate::core::collate::{collate, CollateOptions, Collated, Layout, Truncation};
+use crate::core::disk;
+use crate::core::errors::RloxError;
+use crate::core::plan::{layout_tokens, plan, Plan, PlanOptions};
+use crate::core::store::{take, Column, Ints, IntsBuf, PairColumns};
+
+const NAMES: [&str; 6] = [
+    "prompt_values",
+    "prompt_offsets",
+    "chosen_values",
+    "chosen_offsets",
+    "rejected_values",
+    "rejected_offsets",
+];
+type Array<'py> = Bound<'py, PyArray1<i64>>;
+
+const COLUMNS: [&str; 3] = ["prompt", "chosen", "rejected"];
+
+enum Held {
+    I32(Py<PyArray1<i32>>),
+    I64(Py<PyArray1<i64>>),
+}
+
+enum Guard<'py> {
+    I32(PyReadonlyArray1<'py, i32>),
+    I64(PyReadonlyArray1<'py, i64>),
+}
+
+impl Guard<'_> {
+    fn ints(&self) -> Ints<'_> {
+        match self {
+            Guard::I32(a) => Ints::I32(a.as_slice().expect("contiguous")),
+            Guard::I64(a) => Ints::I64(a.as_slice().expect("contiguous")),
+        }
+    }
+}
+
+/// A 1-D int32/int64 array (zero-copy); other integer dtypes are converted to int64.
+fn hold(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Held> {
+    let arr = ndarray(name, obj, 1)?;
+    if let Ok(a) = arr.cast::<PyArray1<i32>>() {
+        return Ok(Held::I32(a.clone().unbind()));
+    }
+    if let Ok(a) = arr.cast::<PyArray1<i64>>() {
+        return Ok(Held::I64(a.clone().unbind()));
+    }
+    let kind = arr.dtype().kind();
+    if kind != b'i' && kind != b'u' {
+        return Err(to_py(RloxError::type_error(
+            name,
+            format!("must hold integers, got dtype {}", dtype_name(&arr)),
+        )));
+    }
+    Ok(Held::I64(
+        int64_array(name, obj, 1)?
+            .cast_into::<PyArray1<i64>>()?
+            .unbind(),
+    ))
+}
+
+/// A non-negative integer option (`None` passes through).
+fn count_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usize>> {
+    match int_arg(name, obj)? {
+        None => Ok(None),
+        Some(v) if v < 0 => Err(to_py(RloxError::value(
+            name,
+            format!("must be >= 0, got {v}"),
+        ))),
+        Some(v) => Ok(Some(v as usize)),
+    }
+}
+
+fn str_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    obj.extract::<String>().map_err(|_| {
+        to_py(RloxError::type_error(
+            name,
+            format!(
+                "expected a str, got {}",
+                obj.get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string())
+            ),
+        ))
+    })
+}
+
+/// Collation options from Python keyword values.
+#[allow(clippy::too_many_arguments)]
+fn collate_options(
+    layout: &Bound<'_, PyAny>,
+    max_length: Option<&Bound<'_, PyAny>>,
+    max_prompt_length: Option<&Bound<'_, PyAny>>,
+    truncation: &Bound<'_, PyAny>,
+    pad_token_id: Option<&Bound<'_, PyAny>>,
+    pad_to_multiple_of: Option<&Bound<'_, PyAny>>,
+    pack_length: Option<&Bound<'_, PyAny>>,
+) -> PyResult<CollateOptions> {
+    let o = CollateOptions {
+        layout: Layout::parse(&str_arg("layout", layout)?).map_err(to_py)?,
+        max_length: count_arg("max_length", max_length)?,
+        max_prompt_length: count_arg("max_prompt_length", max_prompt_length)?,
+        truncation: Truncation::parse(&str_arg("truncation", truncation)?).map_err(to_py)?,
+        pad_token_id: int_arg("pad_token_id", pad_token_id)?.unwrap_or(0),
+        pad_to_multiple_of: count_arg("pad_to_multiple_of", pad_to_multiple_of)?,
+        pack_length: count_arg("pack_length", pack_length)?,
+    };
+    o.validate().map_err(to_py)?;
+    Ok(o)
+}
+
+fn vec_i64<'py>(py: Python<'py>, v: Vec<i64>) -> Bound<'py, PyArray1<i64>> {
+    PyArray1::from_vec(py, v)
+}
+
+/// A collated batch as a dict of numpy arrays (handed over without copying).
+pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound<'py, PyDict>> {
+    let (rows, len) = (b.rows, b.length);
+    let out = PyDict::new(py);
+    let shape = [rows, len];
+    out.set_item("input_ids", vec_i64(py, b.input_ids).reshape(shape)?)?;
+    out.set_item(
+        "attention_mask",
+        vec_i64(py, b.attention_mask).reshape(shape)?,
+    )?;
+    out.set_item("position_ids", vec_i64(py, b.position_ids).reshape(shape)?)?;
+    out.set_item(
+        "loss_mask",
+        PyArray1::from_vec(py, b.loss_mask).reshape(shape)?,
+    )?;
+    out.set_item(
+        "sequence_ids",
+        PyArray1::from_vec(py, b.sequence_ids).reshape(shape)?,
+    )?;
+    out.set_item("cu_seqlens", PyArray1::from_vec(py, b.cu_seqlens))?;
+    let segment_rows = b.segment_ends.len() / 3;
+    out.set_item(
+        "segment_ends",
+        vec_i64(py, b.segment_ends).reshape([segment_rows, 3])?,
+    )?;
+    out.set_item("num_truncated", b.truncated)?;
+    for (key, v) in [
+        ("pair_index", b.pair_index),
+        ("skipped", b.skipped),
+        ("prompt_lengths", b.prompt_lengths),
+        ("chosen_lengths", b.chosen_lengths),
+        ("rejected_lengths", b.rejected_lengths),
+        ("plan_row", b.plan_row),
+        ("plan_position", b.plan_position),
+        ("plan_target", b.plan_target),
+        ("plan_pair", b.plan_pair),
+        ("plan_side", b.plan_side),
+    ] {
+        out.set_item(key, vec_i64(py, v))?;
+    }
+    Ok(out)
+}
+
+/// Ragged (prompt, chosen, rejected) token columns: flat values plus `n + 1` offsets each.
+#[pyclass(module = "rlox._rlox", frozen)]
+pub struct PairStore {
+    held: Vec<Held>,
+    len: usize,
+}
+
+impl PairStore {
+    fn guards<'py>(&self, py: Python<'py>) -> Vec<Guard<'py>> {
+        self.held
+            .iter()
+            .map(|h| match h {
+                Held::I32(a) => Guard::I32(a.bind(py).readonly()),
+                Held::I64(a) => Guard::I64(a.bind(py).readonly()),
+            })
+            .collect()
+    }
+}
+
+fn columns<'a>(g: &'a [Guard<'_>]) -> Result<PairColumns<'a>, RloxError> {
+    let col = |k: usize| Column::new(COLUMNS[k], g[2 * k].ints(), g[2 * k + 1].ints());
+    PairColumns::new(col(0)?, col(1)?, col(2)?)
+}
+
+fn index_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray1<'py, i64>> {
+    Ok(int64_array("indices", obj, 1)?
+        .cast_into::<PyArray1<i64>>()?
+        .readonly())
+}
+
+#[pymethods]
+impl PairStore {
+    /// Wrap six 1-D integer arrays (int32/int64 kept as they are). Checks are O(1): the first
+    /// and last offsets of each column and equal row counts; see :meth:`validate`.
+    #[new]
+    fn new(
+        py: Python<'_>,
+        prompt_values: &Bound<'_, PyAny>,
+        prompt_offsets: &Bound<'_, PyAny>,
+        chosen_values: &Bound<'_, PyAny>,
+        chosen_offsets: &Bound<'_, PyAny>,
+        rejected_values: &Bound<'_, PyAny>,
+        rejected_offsets: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        let objs = [
+            prompt_values,
+            prompt_offsets,
+            chosen_values,
+            chosen_offsets,
+            rejected_values,
+            rejected_offsets,
+        ];
+        let held = objs
+            .iter()
+            .zip(NAMES)
+            .map(|(o, n)| hold(n, o))
+            .collect::<PyResult<Vec<_>>>()?;
+        let store = Self { held, len: 0 };
+        let len = columns(&store.guards(py)).map_err(to_py)?.len();
+        Ok(Self { len, ..store })
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    /// The six arrays in constructor order.
+    fn arrays<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
+        self.held
+            .iter()
+            .map(|h| match h {
+                Held::I32(a) => a.bind(py).clone().into_any(),
+                Held::I64(a) => a.bind(py).clone().into_any(),
+            })
+            .collect()
+    }
+
+    /// Check every pair: offsets, non-empty prompt and completions, ids in `[0, vocab_size)`.
+    #[pyo3(signature = (vocab_size=None))]
+    fn validate(&self, py: Python<'_>, vocab_size: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let vocab = int_arg("vocab_size", vocab_size)?;
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        py.detach(|| cols.validate(vocab)).map_err(to_py)
+    }
+
+    /// `(n,)` int64 prompt, chosen and rejected lengths.
+    fn lengths<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let lens = py.detach(|| cols.lengths());
+        Ok(lens.into_iter().map(|v| vec_i64(py, v)).collect())
+    }
+
+    /// The rows at `indices` as six new compact arrays (constructor order).
+    fn take<'py>(
+        &self,
+        py: Python<'py>,
+        indices: &Bound<'py, PyAny>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let idx = index_array(indices)?;
+        let idx = idx.as_slice()?;
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let taken = py
+            .detach(|| {
+                cols.columns()
+                    .iter()
+                    .map(|c| take(c, idx))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(to_py)?;
+        let mut out = Vec::with_capacity(6);
+        for (values, offsets) in taken {
+            out.push(match values {
+                IntsBuf::I32(v) => PyArray1::from_vec(py, v).into_any(),
+                IntsBuf::I64(v) => PyArray1::from_vec(py, v).into_any(),
+            });
+            out.push(vec_i64(py, offsets).into_any());
+        }
+        Ok(out)
+    }
+
+    /// Collate the pairs at `indices` (see `PreferenceDataset.collate`); a dict of arrays.
+    #[pyo3(signature = (indices, *, layout, max_length, max_prompt_length, truncation,
+                        pad_token_id, pad_to_multiple_of, pack_length, vocab_size=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn collate<'py>(
+        &self,
+        py: Python<'py>,
+        indices: &Bound<'py, PyAny>,
+        layout: &Bound<'py, PyAny>,
+        max_length: Option<&Bound<'py, PyAny>>,
+        max_prompt_length: Option<&Bound<'py, PyAny>>,
+        truncation: &Bound<'py, PyAny>,
+        pad_token_id: Option<&Bound<'py, PyAny>>,
+        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
+        pack_length: Option<&Bound<'py, PyAny>>,
+        vocab_size: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let o = collate_options(
+            layout,
+            max_length,
+            max_prompt_length,
+            truncation,
+            pad_token_id,
+            pad_to_multiple_of,
+            pack_length,
+        )?;
+        let vocab = int_arg("vocab_size", vocab_size)?;
+        let idx = index_array(indices)?;
+        let idx = idx.as_slice()?;
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let batch = py
+            .detach(|| {
+                let pairs = cols.pairs(idx, vocab)?;
+                collate(&pairs, &o)
+            })
+            .map_err(to_py)?;
+        collated_dict(py, batch)
+    }
+
+    /// One rank's batches for one epoch: `(indices, offsets)`, batch k is
+    /// `indices[offsets[k]:offsets[k + 1]]`.
+    #[pyo3(signature = (*, batch_size, max_tokens, shuffle, seed, epoch, group_by_length,
+                        drop_last, rank, world_size, group_batches, layout, max_length,
+                        max_prompt_length, truncation, pad_to_multiple_of, pack_length))]
+    #[allow(clippy::too_many_arguments)]
+    fn plan<'py>(
+        &self,
+        py: Python<'py>,
+        batch_size: Option<&Bound<'py, PyAny>>,
+        max_tokens: Option<&Bound<'py, PyAny>>,
+        shuffle: bool,
+        seed: Option<&Bound<'py, PyAny>>,
+        epoch: Option<&Bound<'py, PyAny>>,
+        group_by_length: bool,
+        drop_last: bool,
+        rank: Option<&Bound<'py, PyAny>>,
+        world_size: Option<&Bound<'py, PyAny>>,
+        group_batches: Option<&Bound<'py, PyAny>>,
+        layout: &Bound<'py, PyAny>,
+        max_length: Option<&Bound<'py, PyAny>>,
+        max_prompt_length: Option<&Bound<'py, PyAny>>,
+        truncation: &Bound<'py, PyAny>,
+        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
+        pack_length: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(Array<'py>, Array<'py>)> {
+        let collate = collate_options(
+            layout,
+            max_length,
+            max_prompt_length,
+            truncation,
+            None,
+            pad_to_multiple_of,
+            pack_length,
+        )?;
+        let o = PlanOptions {
+            batch_size: count_arg("batch_size", batch_size)?,
+            max_tokens: count_arg("max_tokens", max_tokens)?,
+            shuffle,
+            seed: count_arg("seed", seed)?.unwrap_or(0) as u64,
+            epoch: count_arg("epoch", epoch)?.unwrap_or(0) as u64,
+            group_by_length,
+            drop_last,
+            rank: count_arg("rank", rank)?.unwrap_or(0),
+            world_size: count_arg("world_size", world_size)?.unwrap_or(1),
+            group_batches: count_arg("group_batches", group_batches)?.unwrap_or(64),
+            collate,
+        };
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let p = py
+            .detach(|| {
+                let lens = cols.lengths();
+                plan([&lens[0], &lens[1], &lens[2]], &o)
+            })
+            .map_err(to_py)?;
+        Ok((vec_i64(py, p.indices), vec_i64(py, p.offsets)))
+    }
+
+    /// `(real_tokens, total_slots)` of collating the batches `(indices, offsets)` in a layout.
+    #[pyo3(signature = (indices, offsets, *, layout, max_length, max_prompt_length, truncation,
+                        pad_to_multiple_of, pack_length))]
+    #[allow(clippy::too_many_arguments)]
+    fn layout_tokens<'py>(
+        &self,
+        py: Python<'py>,
+        indices: &Bound<'py, PyAny>,
+        offsets: &Bound<'py, PyAny>,
+        layout: &Bound<'py, PyAny>,
+        max_length: Option<&Bound<'py, PyAny>>,
+        max_prompt_length: Option<&Bound<'py, PyAny>>,
+        truncation: &Bound<'py, PyAny>,
+        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
+        pack_length: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(u64, u64)> {
+        let o = collate_options(
+            layout,
+            max_length,
+            max_prompt_length,
+            truncation,
+            None,
+            pad_to_multiple_of,
+            pack_length,
+        )?;
+        let idx = index_array(indices)?;
+        let off = int64_array("offsets", offsets, 1)?
+            .cast_into::<PyArray1<i64>>()?
+            .readonly();
+        let (idx, off) = (idx.as_slice()?, off.as_slice()?);
+        let n = self.len as i64;
+        if let Some(k) = idx.iter().position(|&i| i < 0 || i >= n) {
+            return Err(to_py(RloxError::at(
+                "indices",
+                k,
+                format!("pair index {} is out of range for {n} pairs", idx[k]),
+            )));
+        }
+        let bad = off.first() != Some(&0)
+            || off.last() != Some(&(idx.len() as i64))
+            || off.windows(2).any(|w| w[1] < w[0]);
+        if bad {
+            return Err(to_py(RloxError::value(
+                "offsets",
+                "must rise from 0 to len(indices)",
+            )));
+        }
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let p = Plan {
+            indices: idx.to_vec(),
+            offsets: off.to_vec(),
+        };
+        py.detach(|| {
+            let lens = cols.lengths();
+            layout_tokens([&lens[0], &lens[1], &lens[2]], &p, &o)
+        })
+        .map_err(to_py)
+    }
+
+    /// Write the token file (see `rlox.data`) to `path`; returns its sections as dicts.
+    fn save<'py>(&self, py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyList>> {
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let sections = py.detach(|| disk::save(&path, &cols)).map_err(to_py)?;
+        let out = PyList::empty(py);
+        for s in sections {
+            let d = PyDict::new(py);
+            d.set_item("name", s.name)?;
+            d.set_item("dtype", s.dtype)?;
+            d.set_item("offset", s.offset)?;
+            d.set_item("count", s.count)?;
+            d.set_item("crc32", s.crc32)?;
+            out.append(d)?;
+        }
+        Ok(out)
+    }
+}
+
+/// CRC-32 of a contiguous numpy array's bytes (computed in parallel, GIL released).
+#[pyfunction]
+fn crc32(py: Python<'_>, array: &Bound<'_, PyAny>) -> PyResult<u32> {
+    let arr = ndarray("array", array, 1)?;
+    if !arr.is_c_contiguous() {
+        return Err(to_py(RloxError::value("array", "must be contiguous")));
+    }
+    let nbytes = arr.len() * arr.dtype().itemsize();
+    // SAFETY: a live, contiguous numpy array of `nbytes` bytes, only read while `arr` is held.
+    let bytes = unsafe {
+        std::slice::from_raw_parts((*arr.as_array_ptr()).fields.data as *const u8, nbytes)
+    };
+    Ok(py.detach(|| disk::crc32(bytes)))
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PairStore>()?;
+    m.add_function(wrap_pyfunction!(crc32, m)?)?;
+    Ok(())
+}
