@@ -307,8 +307,12 @@ def test_raw_collate_matches_python_wrapper(case):
         case["rejected_ids"].astype(np.int32),
         pad_token_id=case["pad"],
     )
+    assert batch.layout == "padded"
+    assert batch.cu_seqlens is None and batch.segment_ends is None
     for key in rlox.PairBatch.__dataclass_fields__:
-        np.testing.assert_array_equal(raw[key], getattr(batch, key).numpy(), err_msg=key)
+        value = getattr(batch, key)
+        if isinstance(value, torch.Tensor):
+            np.testing.assert_array_equal(raw[key], value.numpy(), err_msg=key)
     assert raw["prompt_lengths"].tolist() == [len(p) for p in case["prompts"]]
 
 

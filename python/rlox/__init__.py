@@ -1,15 +1,28 @@
 """rlox: Rust-accelerated Direct Preference Optimization (DPO) for PyTorch language models."""
 
 from rlox._rlox import DPOLossOutput, __version__, dpo_loss
-from rlox.algorithms.dpo import DPO, DPOConfig, PairBatch, collate_pairs, sequence_logps
+from rlox.algorithms.dpo import DPO, DPOConfig, collate_pairs, sequence_logps
+from rlox.data import (
+    BatchPlan,
+    PairBatch,
+    PreferenceBatchSampler,
+    PreferenceCollator,
+    PreferenceDataset,
+    dense_attention_mask,
+)
 
 __all__ = [
     "DPO",
+    "BatchPlan",
     "DPOConfig",
     "DPOLossOutput",
     "PairBatch",
+    "PreferenceBatchSampler",
+    "PreferenceCollator",
+    "PreferenceDataset",
     "__version__",
     "collate_pairs",
+    "dense_attention_mask",
     "dpo_loss",
     "sequence_logps",
 ]

@@ -193,6 +193,7 @@ class TinyCausalLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
+        logits_at: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Compute next-token logits.
 
@@ -202,10 +203,12 @@ class TinyCausalLM(nn.Module):
                 boolean ``(B, 1, T, T)`` mask (``True`` = may attend), see
                 :func:`build_attention_mask`.
             position_ids: ``(B, T)`` int64 positions; default ``0..T-1`` per row.
+            logits_at: ``(rows, positions)``, two ``(N,)`` int64 tensors; when given, the
+                LM head runs only at those points.
 
         Returns:
-            ``(B, T, vocab_size)`` float32 logits; logits at padding positions are
-            finite but meaningless.
+            ``(B, T, vocab_size)`` float32 logits, or ``(N, vocab_size)`` with ``logits_at``;
+            logits at padding positions are finite but meaningless.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
@@ -229,6 +232,8 @@ class TinyCausalLM(nn.Module):
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
         for block in self.blocks:
             x = block(x, mask)
+        if logits_at is not None:
+            x = x[logits_at]
         return self.lm_head(self.ln_f(x)).float()
 
 

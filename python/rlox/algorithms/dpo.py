@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rlox import __version__, _rlox
+from rlox.data import PairBatch, batch_from_arrays
 from rlox.losses import check_loss_options, dpo_loss
 
 _METRICS = (
@@ -26,33 +27,6 @@ _METRICS = (
     "chosen_logps",
     "rejected_logps",
 )
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """A collated batch of B preference pairs in the (2B, L) layout.
-
-    Rows ``i`` and ``B + i`` hold ``prompt_i + chosen_i`` and ``prompt_i + rejected_i``,
-    right-padded. The gather plan lists every completion token once: its row, the position whose
-    logits predict it, and its id.
-    """
-
-    input_ids: Tensor  # (2B, L) int64
-    attention_mask: Tensor  # (2B, L) int64, 1 on real tokens
-    position_ids: Tensor  # (2B, L) int64
-    loss_mask: Tensor  # (2B, L) bool, True on completion tokens
-    chosen_lengths: Tensor  # (B,) int64
-    rejected_lengths: Tensor  # (B,) int64
-    plan_row: Tensor  # (N,) int64
-    plan_position: Tensor  # (N,) int64
-    plan_target: Tensor  # (N,) int64
-
-    @property
-    def num_pairs(self) -> int:
-        return self.chosen_lengths.shape[0]
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        return PairBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
 def _as_ids(name: str, x: Any) -> np.ndarray:
@@ -93,8 +67,7 @@ def collate_pairs(
         pad_token_id=pad_token_id,
         vocab_size=vocab_size,
     )
-    fields = PairBatch.__dataclass_fields__
-    return PairBatch(**{k: torch.from_numpy(out[k]) for k in fields})
+    return batch_from_arrays(out, "padded")
 
 
 def model_vocab_size(model: nn.Module) -> int | None:
@@ -119,18 +92,28 @@ def _accepted_kwargs(model: nn.Module) -> frozenset[str]:
     params = inspect.signature(model.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return frozenset({"attention_mask", "position_ids"})
-    return frozenset(params) & {"attention_mask", "position_ids", "use_cache"}
+    return frozenset(params) & {"attention_mask", "position_ids", "use_cache", "logits_at"}
 
 
-def _logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Tensor:
+def _forward_kwargs(batch: PairBatch, accepted: frozenset[str]) -> dict[str, Any]:
+    if batch.layout != "padded" and not {"attention_mask", "position_ids"} <= accepted:
+        raise TypeError(
+            f"model: the {batch.layout} layout needs a forward that accepts attention_mask "
+            "(a 4-D boolean mask) and position_ids"
+        )
     kwargs: dict[str, Any] = {}
     if "attention_mask" in accepted:
-        kwargs["attention_mask"] = batch.attention_mask
+        kwargs["attention_mask"] = (
+            batch.attention_mask if batch.layout == "padded" else batch.dense_attention_mask()
+        )
     if "position_ids" in accepted:
         kwargs["position_ids"] = batch.position_ids
     if "use_cache" in accepted:
         kwargs["use_cache"] = False
-    out = model(batch.input_ids, **kwargs)
+    return kwargs
+
+
+def _as_logits(out: Any) -> Tensor:
     if isinstance(out, Tensor):
         return out
     if hasattr(out, "logits"):
@@ -142,35 +125,72 @@ def _logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Ten
     )
 
 
-def sequence_logps(
-    model: nn.Module, batch: PairBatch, accepted: frozenset[str] | None = None
-) -> Tensor:
-    """(2B,) float32 sums of log p(token | prefix) over each row's completion tokens only.
+def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, lm_head) of a Hugging Face causal LM whose logits are lm_head(last hidden)."""
+    base = getattr(model, "base_model", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    config = getattr(model, "config", None)
+    if not isinstance(base, nn.Module) or base is model or not callable(get_head):
+        return None
+    head = get_head()
+    if not isinstance(head, nn.Linear) or config is None:
+        return None
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return None
+    return base, head
 
-    Only the logits that predict completion tokens are normalised (the gather plan), so prompt
-    and padding positions cost nothing beyond the model's forward.
-    """
-    if accepted is None:
-        accepted = _accepted_kwargs(model)
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    logits = _logits(model, batch, accepted)
+
+def _plan_logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Tensor:
+    """(N, V) logits at the gather plan's (row, position) points only, where the model allows."""
+    kwargs = _forward_kwargs(batch, accepted)
+    points = (batch.plan_row, batch.plan_position)
+    if "logits_at" in accepted:
+        return model(batch.input_ids, logits_at=points, **kwargs)
+    split = _split_head(model)
+    if split is not None:
+        base, head = split
+        out = base(batch.input_ids, **kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return head(hidden[points])
+    logits = _as_logits(model(batch.input_ids, **kwargs))
     rows, length = batch.input_ids.shape
     if logits.dim() != 3 or logits.shape[:2] != (rows, length):
         raise ValueError(
             f"model: expected logits of shape ({rows}, {length}, V), got {tuple(logits.shape)}"
         )
-    vocab = logits.shape[-1]
-    if int(batch.plan_target.max()) >= vocab:
+    return logits[points]
+
+
+def sequence_logps(
+    model: nn.Module, batch: PairBatch, accepted: frozenset[str] | None = None
+) -> Tensor:
+    """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens.
+
+    Entries ``0..B-1`` are the chosen sequences, ``B..2B-1`` the rejected ones, in any layout.
+    Only the logits that predict completion tokens are normalised (the gather plan); with
+    ``rlox.models.TinyCausalLM`` and Hugging Face causal LMs the LM head itself runs only there.
+    """
+    if accepted is None:
+        accepted = _accepted_kwargs(model)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    b = batch.num_pairs
+    picked = _plan_logits(model, batch, accepted).float()
+    vocab = picked.shape[-1]
+    if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
+        raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
+    if picked.shape[0] and int(batch.plan_target.max()) >= vocab:
         i = int((batch.plan_target >= vocab).nonzero()[0, 0])
-        row = int(batch.plan_row[i])
-        side, pair = ("chosen", row) if row < rows // 2 else ("rejected", row - rows // 2)
-        raise ValueError(f"{side}[{pair}]: token id is outside the model's vocabulary (V={vocab})")
-    picked = logits[batch.plan_row, batch.plan_position].float()
+        side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
+        raise ValueError(
+            f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary (V={vocab})"
+        )
     token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - picked.logsumexp(-1)
-    return torch.zeros(rows, dtype=torch.float32, device=device).index_add_(
-        0, batch.plan_row, token_logps
-    )
+    index = batch.plan_side * b + batch.plan_pair
+    return torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
 
 
 @dataclass(frozen=True)
@@ -339,6 +359,14 @@ class DPO:
         gradient made the step be skipped; the weights are then left untouched).
         """
         batch = self._batch(prompt, chosen, rejected)
+        if batch.num_pairs == 0:
+            self.skipped_steps += 1
+            warnings.warn(
+                f"step {self.global_step}: every pair of the batch was skipped by truncation",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return dict.fromkeys(_METRICS, math.nan) | {"grad_norm": math.nan, "skipped": 1.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss, metrics = self._loss(batch)
