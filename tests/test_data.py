@@ -419,3 +419,121 @@ def test_sampler_and_collator_in_a_dataloader_with_workers(tmp_path, dataset):
     # per-item fetching (no __getitems__ path) collates the same batch
     items = [mapped[i] for i in plan[0]]
     torch.testing.assert_close(collate(items).input_ids, got[0].input_ids)
+
+
+# ------------------------------------------------------------------ bad input, one case each
+_V = np.array([1, 2, 3, 4], np.int32)
+_O = np.array([0, 1, 2, 4])
+
+
+def _arrays(**over):
+    base = {
+        f"{c}_{k}": (_V if k == "values" else _O)
+        for c in ("prompt", "chosen", "rejected")
+        for k in ("values", "offsets")
+    }
+    return base | over
+
+
+BAD_INPUT = [
+    (
+        "non-monotone offsets",
+        lambda: PreferenceDataset.from_arrays(**_arrays(prompt_offsets=np.array([0, 2, 1, 4]))),
+        ValueError,
+        r"^prompt_offsets\[1\]",
+    ),
+    (
+        "offsets past the values",
+        lambda: PreferenceDataset.from_arrays(**_arrays(rejected_offsets=np.array([0, 1, 2, 5]))),
+        ValueError,
+        r"^rejected_offsets\[2\]",
+    ),
+    (
+        "negative id",
+        lambda: PreferenceDataset.from_arrays(**_arrays(chosen_values=np.array([1, -2, 3, 4]))),
+        ValueError,
+        r"^chosen\[1\]: negative token id -2",
+    ),
+    (
+        "id at vocab size",
+        lambda: PreferenceDataset.from_arrays(**_arrays(), vocab_size=4),
+        ValueError,
+        r"^prompt\[2\]: token id 4 is outside the vocabulary",
+    ),
+    (
+        "empty completion",
+        lambda: PreferenceDataset.from_arrays(**_arrays(chosen_offsets=np.array([0, 1, 1, 4]))),
+        ValueError,
+        r"^chosen\[1\]: empty completion",
+    ),
+    (
+        "empty prompt",
+        lambda: PreferenceDataset.from_lists([[1], []], [[1], [2]], [[1], [2]]),
+        ValueError,
+        r"^prompt\[1\]: empty prompt",
+    ),
+    (
+        "mismatched columns",
+        lambda: PreferenceDataset.from_arrays(**_arrays(rejected_offsets=np.array([0, 4]))),
+        ValueError,
+        r"^rejected: has 1 rows but prompt has 3",
+    ),
+    (
+        "float values",
+        lambda: PreferenceDataset.from_arrays(**_arrays(prompt_values=_V.astype(float))),
+        TypeError,
+        r"^prompt_values: must hold integers",
+    ),
+    (
+        "float ids in lists",
+        lambda: PreferenceDataset.from_lists([[1], [2]], [[1], [2.5]], [[1], [2]]),
+        TypeError,
+        r"^chosen\[1\]: token ids must be ints",
+    ),
+    (
+        "missing column",
+        lambda: PreferenceDataset.from_arrow(pa.table({"prompt_ids": [[1]], "chosen_ids": [[2]]})),
+        ValueError,
+        r"^rejected_ids: missing column",
+    ),
+    (
+        "non-integer column",
+        lambda: PreferenceDataset.from_arrow(
+            pa.table({"prompt_ids": [[1]], "chosen_ids": [[2]], "rejected_ids": [[1.5]]})
+        ),
+        TypeError,
+        r"^rejected_ids: expected an Arrow list<int> column",
+    ),
+    (
+        "unknown layout",
+        lambda: PreferenceDataset.from_arrays(**_arrays()).collate([0], layout="dense"),
+        ValueError,
+        r"^layout: unknown layout",
+    ),
+    (
+        "unknown truncation",
+        lambda: PreferenceDataset.from_arrays(**_arrays()).collate([0], truncation="middle"),
+        ValueError,
+        r"^truncation: unknown truncation mode",
+    ),
+    (
+        "index out of range",
+        lambda: PreferenceDataset.from_arrays(**_arrays()).collate([0, 7]),
+        ValueError,
+        r"^indices\[1\]: pair index 7 is out of range",
+    ),
+    (
+        "both batch options",
+        lambda: PreferenceDataset.from_arrays(**_arrays()).batches(batch_size=2, max_tokens=9),
+        ValueError,
+        r"^batch_size: give exactly one",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "exc", "pattern"), [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT]
+)
+def test_bad_input_names_field_and_first_bad_pair(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fn()

@@ -1,5 +1,7 @@
 """Type stub of the native module ``rlox._rlox`` (Rust, PyO3)."""
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -51,8 +53,85 @@ def collate_pairs(
     pad_token_id: int | None = None,
     vocab_size: int | None = None,
 ) -> dict[str, npt.NDArray[np.int64] | npt.NDArray[np.bool_]]:
-    """Re-pack (B, P), (B, C), (B, R) ids into (2B, L) arrays, masks, lengths and gather plan.
+    """Re-pack (B, P), (B, C), (B, R) ids into the padded layout (see ``PairStore.collate``)."""
 
-    Keys: input_ids, attention_mask, position_ids, loss_mask (2B, L); prompt_lengths,
-    chosen_lengths, rejected_lengths (B,); plan_row, plan_position, plan_target (N,).
+class PairStore:
+    """Ragged (prompt, chosen, rejected) token columns: flat values plus (n + 1,) offsets each.
+
+    int32/int64 contiguous arrays are held without copying; construction checks are O(1).
     """
+
+    def __init__(
+        self,
+        prompt_values: npt.NDArray[np.integer],
+        prompt_offsets: npt.NDArray[np.integer],
+        chosen_values: npt.NDArray[np.integer],
+        chosen_offsets: npt.NDArray[np.integer],
+        rejected_values: npt.NDArray[np.integer],
+        rejected_offsets: npt.NDArray[np.integer],
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def arrays(self) -> list[npt.NDArray[np.integer]]:
+        """The six arrays in constructor order."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Check every pair; the ValueError names the field and the first bad pair."""
+    def lengths(self) -> list[npt.NDArray[np.int64]]:
+        """(n,) prompt, chosen and rejected lengths."""
+    def take(self, indices: npt.NDArray[np.integer]) -> list[npt.NDArray[np.integer]]:
+        """The rows at ``indices`` as six new compact arrays."""
+    def collate(
+        self,
+        indices: npt.NDArray[np.integer],
+        *,
+        layout: str,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        truncation: str,
+        pad_token_id: int | None,
+        pad_to_multiple_of: int | None,
+        pack_length: int | None,
+        vocab_size: int | None = None,
+    ) -> dict[str, Any]:
+        """Arrays of a collated batch: input_ids, attention_mask, position_ids, loss_mask,
+        sequence_ids (R, L); cu_seqlens (S + 1,); segment_ends (B, 3); pair_index, skipped,
+        prompt/chosen/rejected_lengths (B,); plan_row, plan_position, plan_target, plan_pair,
+        plan_side (N,); num_truncated (int)."""
+    def plan(
+        self,
+        *,
+        batch_size: int | None,
+        max_tokens: int | None,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        group_by_length: bool,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        group_batches: int,
+        layout: str,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        truncation: str,
+        pad_to_multiple_of: int | None,
+        pack_length: int | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(indices, offsets) of one rank's batches for one epoch."""
+    def layout_tokens(
+        self,
+        indices: npt.NDArray[np.integer],
+        offsets: npt.NDArray[np.integer],
+        *,
+        layout: str,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        truncation: str,
+        pad_to_multiple_of: int | None,
+        pack_length: int | None,
+    ) -> tuple[int, int]:
+        """(real tokens, total slots) of collating the given batches."""
+    def save(self, path: str) -> list[dict[str, Any]]:
+        """Write the token file; returns its sections (name, dtype, offset, count, crc32)."""
+
+def crc32(array: npt.NDArray[Any]) -> int:
+    """CRC-32 of a contiguous array's bytes."""

@@ -86,6 +86,15 @@ impl<'a> Column<'a> {
         }
         let (first, last) = (offsets.get(0), offsets.get(offsets.len() - 1));
         if first < 0 || last < first || last as u64 > values.len() as u64 {
+            // Name the first bad row (a scan, on the error path only).
+            let column = Self {
+                name,
+                values,
+                offsets,
+            };
+            if let Some(i) = (0..offsets.len() - 1).find(|&i| column.span(i).is_err()) {
+                return Err(column.span(i).unwrap_err());
+            }
             return Err(RloxError::value(
                 &field,
                 format!(
