@@ -97,7 +97,7 @@ def evict(path: Path) -> None:
 
 def child(step: str, workdir: str) -> None:
     """Run one step in this fresh process and print its time and memory as JSON."""
-    base = proc_status()["VmHWM"]
+    start = proc_status()
     work = Path(workdir)
     store_dir = work / "store"
     extra: dict[str, Any] = {}
@@ -113,14 +113,15 @@ def child(step: str, workdir: str) -> None:
     before = proc_status()["VmRSS"]
     reset_peak()
     t0 = time.perf_counter()
+    kept: Any = None  # held until memory is read, so its mapped pages still count
     if step == "build":
-        PreferenceDataset.from_arrays(*args, validate=True)
+        kept = PreferenceDataset.from_arrays(*args, validate=True)
     elif step == "save":
         args.save(store_dir)
     elif step == "load":
-        PreferenceDataset.load(store_dir)
+        kept = PreferenceDataset.load(store_dir)
     elif step in ("verify", "verify_cold"):
-        PreferenceDataset.load(store_dir, mmap=True, verify=True)
+        kept = PreferenceDataset.load(store_dir, mmap=True, verify=True)
     elif step == "iterate":
         plan = args.batches(batch_size=BATCH, shuffle=True, seed=0, max_length=MAX_LENGTH)
         anon_max = 0
@@ -131,8 +132,9 @@ def child(step: str, workdir: str) -> None:
         extra = {"batches": len(plan), "anon_max": max(anon_max, proc_status()["RssAnon"])}
     elapsed = time.perf_counter() - t0
     end = proc_status()
-    result = {"time": elapsed, "base": base, "before": before, "peak": end["VmHWM"]}
-    result |= {"anon_end": end["RssAnon"], "file_end": end["RssFile"]} | extra
+    result = {"time": elapsed, "base": start["VmHWM"], "base_anon": start["RssAnon"]}
+    result |= {"before": before, "peak": end["VmHWM"], "file_end": end["RssFile"]} | extra
+    del kept
     print(json.dumps(result))
 
 
@@ -274,12 +276,15 @@ def collation(
     n = len(ds)
     plan = ds.batches(batch_size=BATCH, shuffle=True, seed=0, max_length=MAX_LENGTH)
     out: dict[str, Any] = {"batches": len(plan)}
-    # Verify on the first (longest) batch and on a batch holding a pair that is skipped.
+    assert np.array_equal(np.sort(plan.indices), np.arange(n)), "the plan must cover every pair"
+    # Same output as both contenders on the first (longest) batch and on one with a skipped pair.
     check_same(ds, cols, plan[0])
     too_long = np.flatnonzero(np.diff(cols["prompt_offsets"]) >= MAX_LENGTH)
     out["skipped"] = len(too_long)
     if len(too_long):
-        batch_of = np.searchsorted(plan.offsets, np.flatnonzero(plan.indices == too_long[0]), "right")
+        batch_of = np.searchsorted(
+            plan.offsets, np.flatnonzero(plan.indices == too_long[0]), "right"
+        )
         check_same(ds, cols, plan[int(batch_of[0]) - 1])
     out["plan"] = timed(
         lambda: ds.batches(batch_size=BATCH, shuffle=True, seed=0, max_length=MAX_LENGTH), repeats
@@ -329,26 +334,122 @@ def mib(kib: float) -> str:
     return f"{kib / 1024:,.0f} MiB"
 
 
+def secs(t: float) -> str:
+    return f"{t:,.2f} s" if t >= 1 else f"{t * 1e3:,.1f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
 def side_by_side(title: str, cols: list[str], rows: list[tuple[str, list[str]]]) -> None:
+    """One table: a label column, then the same columns for each profile."""
     names = list(PROFILES)
-    width = max(len(c) for c in cols) + 2
+    width = max(12, *(len(c) + 2 for c in cols), *(len(x) + 2 for _, r in rows for x in r))
     group = len(cols) * width
-    label = max(len(title), *(len(r[0]) for r in rows))
-    print()
-    print(f"{title:{label}}" + "".join(f" | {p:^{group}}" for p in names))
-    print(f"{'':{label}}" + "".join(" | " + "".join(f"{c:>{width}}" for c in cols) for _ in names))
+    label = max(len(r[0]) for r in rows)
+    print(f"\n{title}")
+    print(" " * label + "".join(f" | {p:^{group}}" for p in names))
+    print(" " * label + "".join(" | " + "".join(f"{c:>{width}}" for c in cols) for _ in names))
     print("-" * (label + len(names) * (group + 3)))
     for name, cells in rows:
-        line = f"{name:{label}}"
-        for i in range(len(names)):
-            line += " | " + "".join(f"{c:>{width}}" for c in cells[i * len(cols) : (i + 1) * len(cols)])
-        print(line)
+        groups = [cells[i * len(cols) : (i + 1) * len(cols)] for i in range(len(names))]
+        print(
+            f"{name:{label}}" + "".join(" | " + "".join(f"{c:>{width}}" for c in g) for g in groups)
+        )
+
+
+def report(res: dict[str, dict[str, Any]], n: int) -> None:
+    rows = []
+    for step, label in STEPS.items():
+        cells = []
+        for name in PROFILES:
+            s = res[name]["store"][step]
+            peak = s["peak"]
+            cells += [secs(s["time"]), mib(peak), mib(peak - s["base"]), mib(peak - s["before"])]
+            cells.append(mib(s["file_end"]))
+        rows.append((label, cells))
+    cols = ["time", "peak RSS", "peak - base", "peak - start", "RssFile end"]
+    side_by_side("Store steps, each in a fresh process (medians)", cols, rows)
+    bases = ", ".join(f"{p} {mib(res[p]['store']['load']['base'])}" for p in PROFILES)
+    print(f"base = RSS after python + imports ({bases}); start = RSS when the step began.")
+
+    cells = []
+    for name in PROFILES:
+        st = res[name]["store"]
+        it = st["iterate"]
+        cells += [f"{st['file_bytes'] / 2**20:,.0f} MiB", f"{it['batches']:,}", secs(it["time"])]
+        cells += [f"{n / it['time']:,.0f}", mib(it["anon_max"] - it["base_anon"])]
+        cells.append(mib(it["file_end"] - res[name]["store"]["load"]["file_end"]))
+    cols = ["file", "batches", "time", "pairs/s", "anon growth", "file growth"]
+    side_by_side("Padded epoch read from the memory-mapped store", cols, [("", cells)])
+    for name in PROFILES:
+        st = res[name]["store"]
+        it = st["iterate"]
+        grown = (it["file_end"] - st["load"]["file_end"]) * 1024 / st["file_bytes"]
+        print(
+            f"{name}: anonymous memory grew {mib(it['anon_max'] - it['base_anon'])} during the "
+            f"epoch; file-backed resident pages grew by {grown:.0%} of the "
+            f"{st['file_bytes'] / 2**20:,.0f} MiB file (mapped pages count as resident; they are "
+            "clean page cache the kernel can drop under memory pressure)."
+        )
+
+    entries = [
+        ("rust plan (batches) only", "plan", False),
+        ("rust plan + collate padded", "padded", False),
+        ("rust plan + collate packed", "packed", False),
+        ("rust plan + collate prefix_shared", "prefix_shared", False),
+        (f"rust plan + collate packed, rows {PACK_LENGTH}", "packed4096", False),
+        ("numpy vectorised padded (1 run)", "numpy", False),
+        ("python TRL-style padded (1 run)", "python", True),
+        ("rust collate padded, same batches", "rust_subset", True),
+    ]
+    rows = []
+    for label, key, subset in entries:
+        cells = []
+        for name in PROFILES:
+            c = res[name]["collate"]
+            pairs = c["subset_pairs"] if subset else n
+            batches = c["subset_batches"] if subset else c["batches"]
+            per_pair = c[key] / n if key == "plan" else c[key]
+            cells += [f"{batches:,}", f"{pairs:,}", secs(per_pair * pairs), f"{1 / per_pair:,.0f}"]
+        rows.append((label, cells))
+    side_by_side(
+        f"Collate every pair once, {BATCH} pairs/batch, max_length {MAX_LENGTH}",
+        ["batches", "pairs", "time", "pairs/s"],
+        rows,
+    )
+    print(
+        "python: per example Python lists, one torch.tensor per sequence, pad_sequence, reading "
+        "each row as Python lists as a datasets row would; timed on a random subset of the same "
+        "batches and extrapolated per pair. rust collates with rayon on 2 threads, numpy is "
+        "single-threaded. rust times include planning the epoch."
+    )
+    for name in PROFILES:
+        c = res[name]["collate"]
+        vs_np, vs_py = c["numpy"] / c["padded"], c["python"] / c["padded"]
+        print(
+            f"{name}: padded rust/numpy {vs_np:.2f}x (target >= 3x: {verdict(vs_np >= 3)}); "
+            f"rust/python {vs_py:.0f}x (target >= 20x: {verdict(vs_py >= 20)}), "
+            f"{c['python'] / c['rust_subset']:.0f}x on the same subset; python extrapolated to "
+            f"the epoch: {secs(c['python'] * n)}; {c['skipped']} pairs skipped by every "
+            f"collator (prompt >= {MAX_LENGTH} tokens)"
+        )
+
+    rows = []
+    for layout in (*LAYOUTS, "packed4096"):
+        label = f"packed, rows of {PACK_LENGTH}" if layout == "packed4096" else layout
+        rows.append((label, [f"{res[p]['pad'][layout]:.2%}" for p in PROFILES]))
+    side_by_side(f"Padding fraction, stats(batch_size={BATCH})", ["padding"], rows)
+    for name in PROFILES:
+        packed = res[name]["pad"]["packed"]
+        print(f"{name}: packed padding {packed:.2%} (target <= 2%: {verdict(packed <= 0.02)})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=1_000_000)
-    ap.add_argument("--quick", action="store_true", help="50,000 pairs, one run per step")
+    ap.add_argument("--quick", action="store_true", help="50,000 pairs, one run per timing")
     ap.add_argument("--repeats", type=int, default=3, help="runs per timing (median)")
     ap.add_argument("--python-pairs", type=int, default=20_000, help="pairs timed in Python")
     ap.add_argument("--child", nargs=2, metavar=("STEP", "DIR"), help=argparse.SUPPRESS)
@@ -359,7 +460,7 @@ def main() -> None:
         return
     n, repeats, py_pairs = args.pairs, args.repeats, args.python_pairs
     if args.quick:
-        n, repeats, py_pairs = 50_000, 1, 5_000
+        n, repeats, py_pairs = 50_000, 1, 2_000
     load = os.getloadavg()
     print(
         f"rlox {rlox.__version__} | torch {torch.__version__} (2 threads) | numpy {np.__version__}"
@@ -368,7 +469,7 @@ def main() -> None:
     )
     print(
         f"{n:,} pairs per profile; {BATCH} pairs/batch, max_length {MAX_LENGTH}; "
-        f"medians of {repeats} run(s); store in {tempfile.gettempdir()}"
+        f"medians of {repeats} run(s); store written under {tempfile.gettempdir()}"
     )
     res: dict[str, dict[str, Any]] = {}
     for seed, (name, (pm, rm)) in enumerate(PROFILES.items()):
@@ -376,97 +477,17 @@ def main() -> None:
         cols = make_columns(n, pm, rm, seed)
         gen = time.perf_counter() - t0
         tokens = sum(int(cols[f"{c}_offsets"][-1]) for c in ("prompt", "chosen", "rejected"))
-        print(f"{name}: generated {tokens / 1e6:,.1f} M tokens ({tokens / n:.0f}/pair) in {gen:.1f} s")
+        print(
+            f"{name}: prompt median {pm}, responses median {rm}: {tokens / 1e6:,.1f} M tokens "
+            f"({tokens / n:.0f}/pair), generated with numpy in {secs(gen)}"
+        )
         with tempfile.TemporaryDirectory(prefix="rlox-bench-") as tmp:
             store = store_steps(cols, Path(tmp), repeats)
         ds = from_columns(cols)
-        res[name] = {"tokens": tokens, "store": store, "pad": padding(ds)}
+        res[name] = {"store": store, "pad": padding(ds)}
         res[name]["collate"] = collation(ds, cols, py_pairs, repeats)
         del ds, cols
-
-    rows = []
-    for step, label in STEPS.items():
-        cells = []
-        for name in PROFILES:
-            s = res[name]["store"][step]
-            cells += [
-                f"{s['time'] * 1e3:,.1f} ms",
-                mib(s["peak"]),
-                mib(s["peak"] - s["base"]),
-                mib(s["peak"] - s["before"]),
-                mib(s["file_end"]),
-            ]
-        rows.append((label, cells))
-    base = [res[p]["store"]["build"]["base"] for p in PROFILES]
-    side_by_side(
-        f"store step (fresh process each; base = python + imports = {mib(min(base))})",
-        ["time", "peak RSS", "peak-base", "peak-start", "RssFile end"],
-        rows,
-    )
-    cells = []
-    for name in PROFILES:
-        st = res[name]["store"]
-        it = st["iterate"]
-        cells += [
-            f"{st['file_bytes'] / 2**20:,.0f} MiB",
-            f"{it['batches']:,}",
-            f"{n / it['time']:,.0f}",
-            mib(it["anon_max"]),
-            mib(it["file_end"]),
-        ]
-    side_by_side(
-        "mmap store, padded epoch", ["file", "batches", "pairs/s", "max RssAnon", "RssFile"],
-        [("", cells)],
-    )  # fmt: skip
-
-    rows = []
-    speed = {p: res[p]["collate"] for p in PROFILES}
-    entries = [
-        ("rust plan (batches, whole epoch)", lambda c: c["plan"] / n, "plan"),
-        ("rust plan + collate padded", lambda c: c["padded"], "all"),
-        ("rust plan + collate packed", lambda c: c["packed"], "all"),
-        ("rust plan + collate prefix_shared", lambda c: c["prefix_shared"], "all"),
-        (f"rust plan + collate packed, rows of {PACK_LENGTH}", lambda c: c["packed4096"], "all"),
-        ("numpy vectorised padded (1 run)", lambda c: c["numpy"], "all"),
-        ("python TRL-style padded (subset, 1 run)", lambda c: c["python"], "subset"),
-        ("rust collate padded on that subset", lambda c: c["rust_subset"], "subset"),
-    ]
-    for label, per_pair, which in entries:
-        cells = []
-        for name in PROFILES:
-            c = speed[name]
-            pairs = c["subset_pairs"] if which == "subset" else n
-            batches = c["subset_batches"] if which == "subset" else c["batches"]
-            cells += [f"{batches:,}", f"{per_pair(c) * pairs:,.2f} s", f"{1 / per_pair(c):,.0f}"]
-        rows.append((label, cells))
-    side_by_side("collate every pair once", ["batches", "time", "pairs/s"], rows)
-    print()
-    for name in PROFILES:
-        c = speed[name]
-        vs_np = c["numpy"] / c["padded"]
-        vs_py = c["python"] / c["padded"]
-        vs_py_subset = c["python"] / c["rust_subset"]
-        print(
-            f"{name}: padded rust/numpy {vs_np:.1f}x (target >= 3x: {'met' if vs_np >= 3 else 'MISSED'}),"
-            f" rust/python {vs_py:.0f}x (target >= 20x: {'met' if vs_py >= 20 else 'MISSED'};"
-            f" {vs_py_subset:.0f}x on the same subset); python extrapolated to the epoch: "
-            f"{c['python'] * n:,.0f} s; {c['skipped']} pairs skipped (prompt >= max_length)"
-        )
-    print(
-        "python = per-example lists, torch.tensor per sequence, pad_sequence, including reading each"
-        " row as Python lists; timed on random batches of the same plan and extrapolated per pair."
-        " Rust collates with rayon on 2 threads; numpy is single-threaded."
-    )
-
-    rows = []
-    for layout in (*LAYOUTS, "packed4096"):
-        label = f"packed, rows of {PACK_LENGTH}" if layout == "packed4096" else layout
-        rows.append((label, [f"{res[p]['pad'][layout]:.2%}" for p in PROFILES]))
-    side_by_side("padding fraction (stats)", ["padding"], rows)
-    for name in PROFILES:
-        packed = res[name]["pad"]["packed"]
-        print(f"{name}: packed padding {packed:.2%} (target <= 2%: {'met' if packed <= 0.02 else 'MISSED'})")
-
+    report(res, n)
     print()
     bench_from_text()
     load = os.getloadavg()

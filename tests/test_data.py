@@ -537,3 +537,15 @@ BAD_INPUT = [
 def test_bad_input_names_field_and_first_bad_pair(fn, exc, pattern):
     with pytest.raises(exc, match=pattern):
         fn()
+
+
+def test_resident_pages_are_released_past_the_budget(tmp_path, dataset, monkeypatch):
+    path = dataset.save(tmp_path / "s")
+    calls = []
+    monkeypatch.setattr(PreferenceDataset, "release_pages", lambda self: calls.append(1))
+    for budget, released in ((0, True), (None, False), (1 << 40, False)):
+        calls.clear()
+        mapped = PreferenceDataset.load(path, max_resident=budget)
+        for idx in mapped.batches(batch_size=2):
+            mapped.collate(idx)
+        assert bool(calls) == released, budget

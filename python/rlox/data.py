@@ -275,6 +275,10 @@ class PreferenceDataset:
             raise TypeError(f"store: expected rlox._rlox.PairStore, got {type(store).__name__}")
         self._store = store
         self._path = path
+        self._mapping: Any = None
+        self._max_resident: int | None = None
+        self._base_resident = 0
+        self._calls = 0
         arrays = store.arrays()
         self._arrays = dict(zip(_ARRAYS, arrays, strict=True))
 
@@ -425,13 +429,21 @@ class PreferenceDataset:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, mmap: bool = True, verify: bool | None = None
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        mmap: bool = True,
+        verify: bool | None = None,
+        max_resident: int | None = 1 << 30,
     ) -> PreferenceDataset:
         """Open a store written by :meth:`save`.
 
         ``mmap=True`` maps the token file read-only: opening is O(1) and pages are read on use.
         ``verify`` checks every section's CRC-32 (default: only when ``mmap=False``). A missing,
-        truncated or corrupted store raises ``ValueError`` naming ``path``.
+        truncated or corrupted store raises ``ValueError`` naming ``path``. While collating, the
+        mapped pages this process holds are dropped whenever they exceed ``max_resident`` bytes
+        (Linux; ``None``: never), so iterating a store larger than memory keeps resident memory
+        bounded.
         """
         path = Path(path)
         meta_file = path / META_FILE
@@ -486,7 +498,27 @@ class PreferenceDataset:
         store = _rlox.PairStore(*arrays)
         if len(store) != meta["num_pairs"]:
             raise ValueError(f"path: {meta_file} is corrupted (pair count mismatch)")
-        return cls(store, path=path.resolve() if mmap else None)
+        dataset = cls(store, path=path.resolve() if mmap else None)
+        if mmap:
+            dataset._mapping = getattr(raw, "_mmap", None)
+            dataset._max_resident = max_resident
+            dataset._base_resident = _resident_file_bytes() or 0
+        return dataset
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of a memory-mapped store (they stay in the OS page
+        cache, so touching them again is cheap)."""
+        if self._mapping is not None and hasattr(self._mapping, "madvise"):
+            import mmap as mmap_module
+
+            self._mapping.madvise(mmap_module.MADV_DONTNEED)
+
+    def _bound_resident(self) -> None:
+        if self._max_resident is None:
+            return
+        now = _resident_file_bytes()
+        if now is not None and now - self._base_resident > self._max_resident:
+            self.release_pages()
 
     def verify(self) -> None:
         """Check every pair (offsets, non-empty runs, ids >= 0); raises ``ValueError``."""
@@ -616,6 +648,10 @@ class PreferenceDataset:
             pack_length=pack_length,
             vocab_size=vocab_size,
         )
+        if self._mapping is not None:
+            self._calls += 1
+            if self._calls % 8 == 0:
+                self._bound_resident()
         return batch_from_arrays(out, layout)
 
     def batches(
@@ -735,6 +771,18 @@ def _header_crc(meta: Mapping[str, Any]) -> int:
     body = {k: v for k, v in meta.items() if k != "header_crc32"}
     blob = np.frombuffer(json.dumps(body, sort_keys=True).encode(), dtype=np.uint8)
     return int(_rlox.crc32(blob)) if blob.size else 0
+
+
+def _resident_file_bytes() -> int | None:
+    """File-backed resident memory of this process (Linux), else None."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssFile:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def _load_mapped(path: str) -> PreferenceDataset:
