@@ -1,0 +1,1409 @@
+"""Property tests and fuzzing of the preference data plane against an independent reference.
+
+The reference collator, batch cost and store-file checks below are written from the documented
+semantics of ``PreferenceDataset`` / ``PairBatch`` alone; rlox output must match them exactly. The
+fuzz tests feed every public constructor, ``collate``, ``batches`` and ``load`` with malformed
+input: only ``ValueError`` or ``TypeError`` may escape (never a Rust panic), errors about one pair
+name the field and the first bad pair, and valid input round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import tempfile
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+from rlox.data import LAYOUTS, PairBatch, PreferenceDataset, dense_attention_mask
+
+VOCAB = 50
+TRUNCATIONS = ("keep_end", "keep_start")
+COLUMNS = ("prompt", "chosen", "rejected")
+ARRAY_NAMES = tuple(f"{c}_{k}" for c in COLUMNS for k in ("values", "offsets"))
+I64_MAX = 2**63 - 1
+
+Rows = list[tuple[list[int], list[int], list[int]]]
+
+FAST = settings(max_examples=60, deadline=None)
+FUZZ = settings(max_examples=120, deadline=None)
+FILES = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+def call(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, Exception | None]:
+    """``(result, None)`` or ``(None, error)``; anything but ValueError/TypeError fails the test."""
+    try:
+        return fn(*args, **kwargs), None
+    except (ValueError, TypeError) as e:
+        return None, e
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise AssertionError(
+            f"{type(e).__module__}.{type(e).__name__} escaped (only ValueError/TypeError may): {e}"
+        ) from e
+
+
+def round_up(n: int, m: int | None) -> int:
+    return n if m is None else -(-n // m) * m
+
+
+# --------------------------------------------------------------------------------------------
+# Reference collator
+
+
+def ref_truncate(
+    p: list[int], c: list[int], r: list[int], o: dict[str, Any]
+) -> tuple[list[int], list[int], list[int], bool] | None:
+    """The documented truncation; ``None`` when a completion keeps no token."""
+    mp = o.get("max_prompt_length")
+    keep = len(p) if mp is None else min(len(p), mp)
+    prompt = p[len(p) - keep :] if o.get("truncation", "keep_end") == "keep_end" else p[:keep]
+    ml = o.get("max_length")
+    room = None if ml is None else max(ml - keep, 0)
+    chosen, rejected = c[:room], r[:room]
+    if not chosen or not rejected:
+        return None
+    cut = len(prompt) < len(p) or len(chosen) < len(c) or len(rejected) < len(r)
+    return prompt, chosen, rejected, cut
+
+
+@dataclass
+class Expected:
+    """What collating ``indices`` must give (matrices only for padded and prefix_shared)."""
+
+    pairs: Rows
+    pair_index: list[int]
+    skipped: list[int]
+    num_truncated: int
+    arrays: dict[str, np.ndarray]
+    plan: list[tuple[int, int, int, int, int]] | None
+
+
+def ref_collate(rows: Rows, indices: list[int], o: dict[str, Any]) -> Expected:
+    n = len(rows)
+    pairs, index, skipped, ntrunc = [], [], [], 0
+    for i in indices:
+        i = i + n if i < 0 else i
+        t = ref_truncate(*rows[i], o)
+        if t is None:
+            skipped.append(i)
+            continue
+        pairs.append(t[:3])
+        index.append(i)
+        ntrunc += t[3]
+    b, layout, pad, mult = len(pairs), o["layout"], o.get("pad_token_id", 0), o.get(
+        "pad_to_multiple_of"
+    )
+    arrays: dict[str, np.ndarray] = {}
+    plan: list[tuple[int, int, int, int, int]] | None = []
+    if layout == "padded":
+        seqs = [(p + c, len(p)) for p, c, _ in pairs] + [(p + r, len(p)) for p, _, r in pairs]
+        width = round_up(max((len(s) for s, _ in seqs), default=0), mult)
+        ids = np.full((2 * b, width), pad, np.int64)
+        att, pos = np.zeros((2 * b, width), np.int64), np.zeros((2 * b, width), np.int64)
+        loss, seq = np.zeros((2 * b, width), bool), np.full((2 * b, width), -1, np.int32)
+        for row, (s, np_) in enumerate(seqs):
+            ids[row, : len(s)] = s
+            att[row, : len(s)] = 1
+            pos[row, : len(s)] = range(len(s))
+            loss[row, np_ : len(s)] = True
+            seq[row, : len(s)] = row
+            plan += [(row, np_ + k - 1, s[np_ + k], row % b, row // b) for k in range(len(s) - np_)]
+        arrays = dict(
+            input_ids=ids, attention_mask=att, position_ids=pos, loss_mask=loss, sequence_ids=seq
+        )
+    elif layout == "prefix_shared":
+        width = round_up(max((sum(map(len, x)) for x in pairs), default=0), mult)
+        ids = np.full((b, width), pad, np.int64)
+        att, pos = np.zeros((b, width), np.int64), np.zeros((b, width), np.int64)
+        loss, seq = np.zeros((b, width), bool), np.full((b, width), -1, np.int32)
+        ends = np.zeros((b, 3), np.int64)
+        for j, (p, c, r) in enumerate(pairs):
+            np_, nc, nr = len(p), len(c), len(r)
+            total = np_ + nc + nr
+            ids[j, :total] = p + c + r
+            att[j, :total] = 1
+            pos[j, :total] = list(range(np_ + nc)) + list(range(np_, np_ + nr))
+            loss[j, np_:total] = True
+            seq[j, :total] = j
+            ends[j] = (np_, np_ + nc, total)
+            plan += [(j, np_ + k - 1, c[k], j, 0) for k in range(nc)]
+            plan += [(j, np_ - 1 if k == 0 else np_ + nc + k - 1, r[k], j, 1) for k in range(nr)]
+        arrays = dict(
+            input_ids=ids,
+            attention_mask=att,
+            position_ids=pos,
+            loss_mask=loss,
+            sequence_ids=seq,
+            segment_ends=ends,
+        )
+    else:
+        plan = None
+    return Expected(pairs, index, skipped, ntrunc, arrays, plan)
+
+
+def ffd_fills(lengths: list[int], capacity: int | None) -> list[int]:
+    """Row fills of first-fit-decreasing placement (one row when ``capacity`` is None)."""
+    if not lengths:
+        return []
+    if capacity is None:
+        return [sum(lengths)]
+    fills: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        for k, f in enumerate(fills):
+            if f + n <= capacity:
+                fills[k] += n
+                break
+        else:
+            fills.append(n)
+    return fills
+
+
+def check_packed(batch: PairBatch, exp: Expected, o: dict[str, Any]) -> list[tuple[int, ...]]:
+    """Structural checks of a packed batch; returns the plan entries the layout implies."""
+    ids, att = batch.input_ids.numpy(), batch.attention_mask.numpy()
+    pos, loss = batch.position_ids.numpy(), batch.loss_mask.numpy()
+    seq = batch.sequence_ids.numpy()
+    rows, width = ids.shape
+    b = len(exp.pairs)
+    seqs = [(p + c, len(p)) for p, c, _ in exp.pairs] + [(p + r, len(p)) for p, _, r in exp.pairs]
+    real = att == 1
+    assert set(np.unique(att)) <= {0, 1}
+    fills = real.sum(1)
+    for row in range(rows):
+        assert real[row, : fills[row]].all() and not real[row, fills[row] :].any(), "padding gap"
+        assert fills[row] >= 1, "empty packed row"
+        if o.get("pack_length") is not None:
+            assert fills[row] <= o["pack_length"], "row exceeds pack_length"
+    if o.get("pack_length") is None:
+        assert rows == (1 if b else 0)
+    assert width == round_up(int(fills.max(initial=0)), o.get("pad_to_multiple_of"))
+    assert sorted(fills.tolist()) == sorted(ffd_fills([len(s) for s, _ in seqs], o["pack_length"]))
+    assert (ids[~real] == o.get("pad_token_id", 0)).all()
+    assert (pos[~real] == 0).all() and not loss[~real].any() and (seq[~real] == -1).all()
+    assert sorted(np.unique(seq[real]).tolist()) == list(range(2 * b))
+    plan, bounds = [], {0}
+    for s, (tokens, np_) in enumerate(seqs):
+        r_idx, c_idx = np.nonzero(seq == s)
+        assert len(set(r_idx.tolist())) == 1, f"sequence {s} spans rows"
+        row, start = int(r_idx[0]), int(c_idx[0])
+        assert c_idx.tolist() == list(range(start, start + len(tokens))), "not contiguous"
+        assert ids[row, start : start + len(tokens)].tolist() == tokens
+        assert pos[row, start : start + len(tokens)].tolist() == list(range(len(tokens)))
+        assert loss[row, start : start + len(tokens)].tolist() == [False] * np_ + [True] * (
+            len(tokens) - np_
+        )
+        bounds.add(row * width + start + len(tokens))
+        plan += [
+            (row, start + np_ + k - 1, tokens[np_ + k], s % b, s // b)
+            for k in range(len(tokens) - np_)
+        ]
+    bounds |= {(row + 1) * width for row in range(rows) if fills[row] < width}
+    assert batch.cu_seqlens is not None and batch.cu_seqlens.dtype == torch.int32
+    assert batch.cu_seqlens.tolist() == sorted(bounds)
+    return plan
+
+
+def recover(batch: PairBatch) -> Rows:
+    """Each pair's (prompt, chosen, rejected) read back from a batch via its plan and masks."""
+    ids, att, loss = batch.input_ids.numpy(), batch.attention_mask.numpy(), batch.loss_mask.numpy()
+    b = batch.num_pairs
+    comp: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for row, p, t, pair, side in zip(
+        batch.plan_row.tolist(),
+        batch.plan_position.tolist(),
+        batch.plan_target.tolist(),
+        batch.plan_pair.tolist(),
+        batch.plan_side.tolist(),
+        strict=True,
+    ):
+        comp.setdefault((pair, side), []).append((row, p, t))
+    prompt_only = (att == 1) & ~loss
+    out = []
+    for j in range(b):
+        if batch.layout == "packed":
+            seq = batch.sequence_ids.numpy()
+            prompts = [ids[(seq == s) & prompt_only].tolist() for s in (j, b + j)]
+        elif batch.layout == "padded":
+            prompts = [ids[r][prompt_only[r]].tolist() for r in (j, b + j)]
+        else:
+            prompts = [ids[j][prompt_only[j]].tolist()] * 2
+        assert prompts[0] == prompts[1], "chosen and rejected rows disagree on the prompt"
+        chosen, rejected = ([t for *_, t in sorted(comp.get((j, s), []))] for s in (0, 1))
+        out.append((prompts[0], chosen, rejected))
+    return out
+
+
+def check_batch(batch: PairBatch, rows: Rows, indices: list[int], o: dict[str, Any]) -> Expected:
+    """Compare a collated batch with the reference in every respect the layout documents."""
+    exp = ref_collate(rows, indices, o)
+    layout = o["layout"]
+    b = len(exp.pairs)
+    assert batch.layout == layout and batch.num_pairs == b
+    assert batch.pair_index.tolist() == exp.pair_index
+    assert batch.skipped.tolist() == exp.skipped
+    assert batch.num_truncated == exp.num_truncated
+    for name, k in (("prompt_lengths", 0), ("chosen_lengths", 1), ("rejected_lengths", 2)):
+        assert getattr(batch, name).tolist() == [len(x[k]) for x in exp.pairs], name
+    dtypes = dict(
+        input_ids=torch.int64,
+        attention_mask=torch.int64,
+        position_ids=torch.int64,
+        loss_mask=torch.bool,
+        sequence_ids=torch.int32,
+    )
+    for name, dtype in dtypes.items():
+        assert getattr(batch, name).dtype == dtype, name
+        assert getattr(batch, name).shape == batch.input_ids.shape, name
+    n_plan = sum(len(c) + len(r) for _, c, r in exp.pairs)
+    for name in ("plan_row", "plan_position", "plan_target", "plan_pair", "plan_side"):
+        t = getattr(batch, name)
+        assert t.dtype == torch.int64 and t.shape == (n_plan,), name
+    if layout == "packed":
+        assert batch.segment_ends is None
+        plan = check_packed(batch, exp, o)
+    else:
+        assert batch.cu_seqlens is None
+        if layout == "padded":
+            assert batch.segment_ends is None
+        for name, want in exp.arrays.items():
+            got = getattr(batch, name).numpy()
+            assert got.shape == want.shape, (name, got.shape, want.shape)
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        plan = exp.plan
+    got_plan = sorted(
+        zip(
+            batch.plan_row.tolist(),
+            batch.plan_position.tolist(),
+            batch.plan_target.tolist(),
+            batch.plan_pair.tolist(),
+            batch.plan_side.tolist(),
+            strict=True,
+        )
+    )
+    assert got_plan == sorted(plan), "gather plan differs from the reference"
+    ids, seq = batch.input_ids.numpy(), batch.sequence_ids.numpy()
+    for row, p, t, pair, side in got_plan:
+        assert seq[row, p] >= 0, "plan reads a padding position"
+        if not (layout == "prefix_shared" and side == 1 and p == len(exp.pairs[pair][0]) - 1):
+            assert ids[row, p + 1] == t and seq[row, p + 1] == seq[row, p]
+    assert recover(batch) == [tuple(x) for x in exp.pairs], "tokens out != tokens in"
+    return exp
+
+
+# --------------------------------------------------------------------------------------------
+# Strategies
+
+
+def id_lists(min_size: int = 1) -> st.SearchStrategy[list[int]]:
+    return st.lists(st.integers(0, VOCAB - 1), min_size=min_size, max_size=15)
+
+
+store_rows = st.lists(st.tuples(id_lists(), id_lists(), id_lists()), min_size=1, max_size=12)
+
+
+@st.composite
+def collate_options(draw: Any, fit_pack: bool = True) -> dict[str, Any]:
+    o = {
+        "layout": draw(st.sampled_from(LAYOUTS)),
+        "max_length": draw(st.none() | st.integers(2, 40)),
+        "max_prompt_length": draw(st.none() | st.integers(1, 20)),
+        "truncation": draw(st.sampled_from(TRUNCATIONS)),
+        "pad_token_id": draw(st.integers(-2, VOCAB + 2)),
+        "pad_to_multiple_of": draw(st.none() | st.integers(1, 8)),
+    }
+    # Without max_length a sequence holds up to 30 tokens; see test_packed_rows_fit_pack_length.
+    low = o["max_length"] if o["max_length"] is not None else (30 if fit_pack else 1)
+    o["pack_length"] = draw(st.none() | st.integers(low, low + 60))
+    return o
+
+
+@st.composite
+def index_lists(draw: Any, n: int) -> list[int]:
+    return draw(
+        st.just(list(range(n)))
+        | st.permutations(range(n)).map(list)
+        | st.lists(st.integers(-n, n - 1), max_size=12)
+    )
+
+
+def dataset_of(rows: Rows) -> PreferenceDataset:
+    ds = PreferenceDataset.from_lists(*(list(x) for x in zip(*rows, strict=True)))
+    for i, (p, c, r) in enumerate(rows):
+        got = ds[i]
+        assert (got["prompt"].tolist(), got["chosen"].tolist(), got["rejected"].tolist()) == (
+            p,
+            c,
+            r,
+        )
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Collation against the reference
+
+
+@settings(max_examples=250, deadline=None)
+@given(rows=store_rows, o=collate_options(), data=st.data())
+def test_collate_matches_reference(rows: Rows, o: dict[str, Any], data: Any) -> None:
+    ds = dataset_of(rows)
+    indices = data.draw(index_lists(len(rows)))
+    batch = ds.collate(indices, **o)
+    check_batch(batch, rows, indices, o)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_collate_reference_examples(layout: str) -> None:
+    rows = [([1, 2, 3, 4], [5, 6, 7], [8]), ([9], [10, 11], [12, 13, 14]), ([1, 2, 3, 4, 5], [6], [7])]
+    for o in (
+        {"max_length": None},
+        {"max_length": 5, "max_prompt_length": 2, "truncation": "keep_start"},
+        {"max_length": 5, "pad_to_multiple_of": 4, "pad_token_id": -1, "pack_length": 7},
+    ):
+        o = {"layout": layout, "pack_length": None, **o}
+        check_batch(dataset_of(rows).collate([2, 0, 1, -1], **o), rows, [2, 0, 1, -1], o)
+
+
+@FAST
+@given(rows=store_rows, o=collate_options(fit_pack=False))
+def test_packed_rows_fit_pack_length(rows: Rows, o: dict[str, Any]) -> None:
+    """Packed rows hold at most pack_length tokens, or collate refuses with ValueError."""
+    o = {**o, "layout": "packed", "max_length": None}
+    assume(o["pack_length"] is not None)
+    batch, err = call(dataset_of(rows).collate, list(range(len(rows))), **o)
+    if err is not None:
+        assert isinstance(err, ValueError) and "pack_length" in str(err), err
+        return
+    assert batch.attention_mask.sum(1).max().item() <= o["pack_length"], (
+        "a packed row exceeds pack_length"
+    )
+    check_batch(batch, rows, list(range(len(rows))), o)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. dense_attention_mask against its definition
+
+
+def ref_dense_mask(batch: PairBatch, exp: Expected) -> np.ndarray:
+    att = batch.attention_mask.numpy() == 1
+    rows, width = att.shape
+    if batch.layout == "packed":
+        flat = np.arange(rows * width).reshape(rows, width)
+        seg = np.searchsorted(batch.cu_seqlens.numpy(), flat, side="right") - 1
+    else:
+        seg = np.broadcast_to(np.arange(rows)[:, None], (rows, width))
+    q, k = np.arange(width)[:, None], np.arange(width)[None, :]
+    mask = (seg[:, :, None] == seg[:, None, :]) & (k <= q) & att[:, :, None] & att[:, None, :]
+    if batch.layout == "prefix_shared":
+        for j, (p, c, r) in enumerate(exp.pairs):
+            a, b_, e = len(p), len(p) + len(c), len(p) + len(c) + len(r)
+            mask[j, b_:e, a:b_] = False
+    pr, pq = np.nonzero(~att)
+    mask[pr, pq, :] = False
+    mask[pr, pq, pq] = True
+    return mask
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=store_rows, o=collate_options(), data=st.data())
+def test_dense_attention_mask_matches_definition(rows: Rows, o: dict[str, Any], data: Any) -> None:
+    indices = data.draw(index_lists(len(rows)))
+    batch = dataset_of(rows).collate(indices, **o)
+    exp = check_batch(batch, rows, indices, o)
+    got = dense_attention_mask(batch)
+    rows_, width = batch.input_ids.shape
+    assert got.dtype == torch.bool and got.shape == (rows_, 1, width, width)
+    np.testing.assert_array_equal(got[:, 0].numpy(), ref_dense_mask(batch, exp))
+    assert torch.equal(batch.dense_attention_mask(), got)
+    if o["layout"] == "padded":
+        assert torch.equal(dense_attention_mask(replace(batch, sequence_ids=None)), got)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Batch planning
+
+
+def pair_keys(lengths: list[tuple[int, int, int]], o: dict[str, Any]) -> list[int]:
+    """Each pair's documented batch-cost key after truncation (0 for a skipped pair)."""
+    keys = []
+    for p, c, r in lengths:
+        t = ref_truncate([0] * p, [0] * c, [0] * r, o)
+        if t is None:
+            keys.append(0)
+            continue
+        np_, nc, nr = (len(x) for x in t[:3])
+        keys.append(
+            {
+                "padded": np_ + max(nc, nr),
+                "prefix_shared": np_ + nc + nr,
+                "packed": 2 * np_ + nc + nr,
+            }[o["layout"]]
+        )
+    return keys
+
+
+def batch_cost(keys: list[int], o: dict[str, Any]) -> int:
+    """Tokens of a batch including the padding of its layout (real tokens for packed)."""
+    longest = round_up(max(keys, default=0), o.get("pad_to_multiple_of"))
+    return {
+        "padded": 2 * len(keys) * longest,
+        "prefix_shared": len(keys) * longest,
+        "packed": sum(keys),
+    }[o["layout"]]
+
+
+def plan_feasible(keys: list[int], world_size: int, budget: int | None, o: dict[str, Any]) -> bool:
+    """Whether every pair can go into a multiple of world_size non-empty batches, each batch of
+    more than one pair within ``budget``. Costs grow with every key, so merging the smallest keys
+    is optimal: ``n % world_size`` merges must fit among them."""
+    n = len(keys)
+    if n < world_size:
+        return False
+    merges = n % world_size
+    if budget is None or merges == 0:
+        return True
+    small = sorted(keys)
+
+    def parts(m: int, most: int) -> Any:
+        if m == 0:
+            yield []
+        for k in range(min(m, most), 0, -1):
+            for rest in parts(m - k, k):
+                yield [k, *rest]
+
+    for sizes in parts(merges, merges):
+        need = sum(s + 1 for s in sizes)
+        if need > n:
+            continue
+        pool = small[:need]
+        for perm in itertools.permutations(range(need)):
+            groups, at = [], 0
+            for s in sizes:
+                groups.append([pool[i] for i in perm[at : at + s + 1]])
+                at += s + 1
+            if all(batch_cost(g, o) <= budget for g in groups):
+                return True
+    return False
+
+
+@st.composite
+def plan_options(draw: Any) -> dict[str, Any]:
+    o = draw(collate_options())
+    del o["pad_token_id"]
+    by_tokens = draw(st.booleans())
+    o.update(
+        batch_size=None if by_tokens else draw(st.integers(1, 8)),
+        max_tokens=draw(st.integers(1, 300)) if by_tokens else None,
+        shuffle=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**40)),
+        epoch=draw(st.integers(0, 5)),
+        group_by_length=draw(st.booleans()),
+        drop_last=draw(st.booleans()),
+        world_size=draw(st.integers(1, 4)),
+        group_batches=draw(st.sampled_from([1, 2, 3, 64])),
+    )
+    return o
+
+
+def check_plans(n: int, lengths: list[tuple[int, int, int]], o: dict[str, Any], plans: list) -> None:
+    """Every documented property of one epoch's plans for all ranks."""
+    ws = o["world_size"]
+    counts = {len(p) for p in plans}
+    assert len(counts) == 1, f"ranks get different batch counts {counts}"
+    seen = []
+    for p in plans:
+        assert p.indices.dtype == np.int64 and p.offsets[0] == 0
+        assert (np.diff(p.offsets) > 0).all(), "empty batch"
+        assert [b.tolist() for b in p] == [p[k].tolist() for k in range(len(p))]
+        seen += p.indices.tolist()
+    assert all(0 <= i < n for i in seen)
+    assert len(seen) == len(set(seen)), "a pair appears twice"
+    if not o["drop_last"]:
+        assert sorted(seen) == list(range(n)), "not every pair is planned"
+    elif o["batch_size"] is not None:
+        full = o["batch_size"] * ws
+        assert len(seen) == n // full * full
+        assert all(len(b) == o["batch_size"] for p in plans for b in p)
+    keys = pair_keys(lengths, o)
+    if o["max_tokens"] is not None:
+        for p in plans:
+            for b in p:
+                if len(b) > 1:
+                    cost = batch_cost([keys[i] for i in b], o)
+                    assert cost <= o["max_tokens"], f"batch {b.tolist()} costs {cost}"
+    if o["shuffle"] and counts != {0}:
+        round_costs = [
+            max(batch_cost([keys[i] for i in p[k]], o) for p in plans) for k in range(len(plans[0]))
+        ]
+        assert round_costs[0] == max(round_costs), "the most expensive round is not first"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(
+        st.tuples(st.integers(1, 15), st.integers(1, 15), st.integers(1, 15)),
+        min_size=1,
+        max_size=40,
+    ),
+    o=plan_options(),
+)
+def test_batches_properties(lengths: list[tuple[int, int, int]], o: dict[str, Any]) -> None:
+    rows = [([1] * p, [2] * c, [3] * r) for p, c, r in lengths]
+    ds = dataset_of(rows)
+    n, ws = len(rows), o["world_size"]
+    opts = {k: v for k, v in o.items() if k != "world_size"}
+    results = [call(ds.batches, rank=r, world_size=ws, **opts) for r in range(ws)]
+    errors = [e for _, e in results if e is not None]
+    keys = pair_keys(lengths, o)
+    if errors:
+        assert len(errors) == ws, "only some ranks fail"
+        assert all(isinstance(e, ValueError) for e in errors), errors
+        assert not o["drop_last"] and not plan_feasible(keys, ws, o["max_tokens"], o), (
+            f"ValueError although a plan exists: {errors[0]}"
+        )
+        return
+    plans = [p for p, _ in results]
+    check_plans(n, lengths, o, plans)
+    again = ds.batches(rank=0, world_size=ws, **opts)
+    np.testing.assert_array_equal(again.indices, plans[0].indices)
+    np.testing.assert_array_equal(again.offsets, plans[0].offsets)
+
+
+def test_batches_too_few_pairs_for_ranks() -> None:
+    ds = dataset_of([([1], [2], [3])] * 3)
+    for kw in ({"batch_size": 1}, {"max_tokens": 1000}):
+        with pytest.raises(ValueError, match="world_size"):
+            ds.batches(world_size=4, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fuzzing: from_lists
+
+ROW_TYPE_ERRORS = [
+    [1.5, 2.0],
+    "abc",
+    b"ab",
+    None,
+    5,
+    [[1, 2], [3, 4]],
+    [[1, 2], [3]],
+    np.zeros(3),
+    np.array([True]),
+    [None],
+    {"a": 1},
+    torch.tensor([1.0]),
+    [True, False],
+]
+ROW_OVERFLOWS = [[2**64], [2**63], [-(2**63) - 1], np.array([2**63], np.uint64), [10**30, 1]]
+
+
+@st.composite
+def fuzz_row(draw: Any) -> tuple[Any, str, list[int] | None]:
+    """A row object, its class ("ints", "type" or "overflow") and its ids when "ints"."""
+    kind = draw(st.sampled_from(["ints"] * 8 + ["type", "overflow"]))
+    if kind == "type":
+        return draw(st.sampled_from(ROW_TYPE_ERRORS)), kind, None
+    if kind == "overflow":
+        return draw(st.sampled_from(ROW_OVERFLOWS)), kind, None
+    special = st.sampled_from([-1, -(2**63), VOCAB, 2**31, I64_MAX])
+    ids = draw(
+        st.lists(st.integers(0, VOCAB - 1) | special, min_size=0, max_size=6)
+        if draw(st.integers(0, 4)) == 0
+        else st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=6)
+    )
+    small = all(0 <= x < 128 for x in ids)
+    wrap = draw(
+        st.sampled_from(
+            ["list", "tuple", "gen", "int64", "strided", "tensor"]
+            + (["int8", "uint8", "uint64", "int16"] if small else [])
+        )
+    )
+    obj: Any = {
+        "list": lambda: list(ids),
+        "tuple": lambda: tuple(ids),
+        "gen": lambda: (x for x in ids),
+        "int64": lambda: np.array(ids, np.int64),
+        "strided": lambda: np.repeat(np.array(ids, np.int64), 2)[::2],
+        "tensor": lambda: torch.tensor(ids, dtype=torch.int64),
+        "int8": lambda: np.array(ids, np.int8),
+        "uint8": lambda: np.array(ids, np.uint8),
+        "uint64": lambda: np.array(ids, np.uint64),
+        "int16": lambda: np.array(ids, ">i2"),
+    }[wrap]()
+    return obj, "ints", ids
+
+
+def pair_error(cols: list[list[list[int]]], vocab: int | None) -> str | None:
+    """``"field[i]"`` of the first bad pair (empty run, id < 0 or >= vocab), or None."""
+    for i in range(len(cols[0])):
+        for name, col in zip(COLUMNS, cols, strict=True):
+            ids = col[i]
+            if not ids or min(ids) < 0 or (vocab is not None and max(ids) >= vocab):
+                return f"{name}[{i}]"
+    return None
+
+
+def assert_names(err: Exception, where: str) -> None:
+    assert str(err).startswith(f"{where}:") or f"{where}:" in str(err), (
+        f"error does not name {where}: {err!r}"
+    )
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    n=st.integers(0, 5),
+    vocab=st.none() | st.integers(1, VOCAB + 5),
+)
+def test_fuzz_from_lists(data: Any, n: int, vocab: int | None) -> None:
+    cols, kinds, ids = [], [], []
+    for _ in COLUMNS:
+        size = n if data.draw(st.integers(0, 9)) else data.draw(st.integers(0, 6))
+        rows = [data.draw(fuzz_row()) for _ in range(size)]
+        cols.append([r[0] for r in rows])
+        kinds.append([r[1] for r in rows])
+        ids.append([r[2] for r in rows])
+    ds, err = call(PreferenceDataset.from_lists, *cols, vocab_size=vocab)
+    bad_row = next(
+        ((c, i, k) for c in range(3) for i, k in enumerate(kinds[c]) if k != "ints"), None
+    )
+    if bad_row is not None:
+        c, i, k = bad_row
+        assert err is not None, "invalid row accepted"
+        assert isinstance(err, TypeError if k == "type" else ValueError) or (
+            isinstance(err, ValueError) and k == "type"
+        ), err
+        assert_names(err, f"{COLUMNS[c]}[{i}]")
+        return
+    if len({len(c) for c in cols}) > 1:
+        assert isinstance(err, ValueError), err
+        return
+    where = pair_error(ids, vocab)
+    if where is not None:
+        assert isinstance(err, ValueError), err
+        assert_names(err, where)
+        return
+    assert err is None, err
+    assert len(ds) == n
+    for i in range(n):
+        got = ds[i]
+        for c, name in enumerate(COLUMNS):
+            assert got[name].dtype in (np.int32, np.int64)
+            assert got[name].tolist() == ids[c][i]
+
+
+@pytest.mark.parametrize("bad", [None, 5, "abc", {"a": [1]}])
+def test_from_lists_column_not_a_sequence(bad: Any) -> None:
+    with pytest.raises(TypeError, match="^chosen:"):
+        PreferenceDataset.from_lists([[1]], bad, [[2]])
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fuzzing: from_arrays
+
+
+def flat(col: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    values = np.array([x for row in col for x in row], np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in col])]).astype(np.int64)
+    return values, offsets
+
+
+def misaligned(a: np.ndarray) -> np.ndarray:
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    out = buf[1:].view(a.dtype)
+    out[:] = a
+    return out
+
+
+ARRAY_MUTATIONS = (
+    "dtype",
+    "2d",
+    "0d",
+    "strided",
+    "readonly",
+    "misaligned",
+    "list",
+    "tensor",
+    "swap",
+    "set",
+    "drop_last_offset",
+    "append_offset",
+    "empty",
+    "shift",
+)
+DTYPES = (
+    "int8 int16 int32 int64 uint8 uint16 uint32 uint64 >i4 >i8 float32 float64 bool object "
+    "complex64"
+).split()
+
+
+def mutate(arrays: list[Any], data: Any) -> list[str]:
+    """Apply 0..2 random mutations to the six arrays in place; returns their names."""
+    done = []
+    for _ in range(data.draw(st.integers(0, 2))):
+        k = data.draw(st.integers(0, 5))
+        what = data.draw(st.sampled_from(ARRAY_MUTATIONS))
+        a = np.asarray(arrays[k])
+        if what == "dtype":
+            dt = data.draw(st.sampled_from(DTYPES))
+            arrays[k] = a.astype(dt)
+        elif what == "2d":
+            arrays[k] = a.reshape(1, -1)
+        elif what == "0d":
+            arrays[k] = np.asarray(a[0] if a.size else 0)
+        elif what == "strided":
+            arrays[k] = np.repeat(a, 2)[::2]
+        elif what == "readonly":
+            a = a.copy()
+            a.flags.writeable = False
+            arrays[k] = a
+        elif what == "misaligned" and a.dtype.itemsize > 1 and a.dtype.kind != "O":
+            arrays[k] = misaligned(a)
+        elif what == "list":
+            arrays[k] = a.tolist()
+        elif what == "tensor" and a.dtype in (np.int32, np.int64):
+            arrays[k] = torch.from_numpy(a.copy())
+        elif what == "swap" and a.size >= 3:
+            i = data.draw(st.integers(0, a.size - 2))
+            a = a.copy()
+            a[i], a[i + 1] = a[i + 1], a[i]
+            arrays[k] = a
+        elif what == "set" and a.size:
+            i = data.draw(st.integers(0, a.size - 1))
+            v = data.draw(st.sampled_from([-1, -(2**40), VOCAB, 10**6, 2**31, I64_MAX]))
+            a = a.astype(np.int64)
+            a[i] = v
+            arrays[k] = a
+        elif what == "drop_last_offset" and a.size:
+            arrays[k] = a[:-1]
+        elif what == "append_offset":
+            arrays[k] = np.append(a, a[-1] if a.size else 0)
+        elif what == "empty":
+            arrays[k] = a[:0]
+        elif what == "shift" and k % 2 == 1:
+            values = np.asarray(arrays[k - 1])
+            arrays[k - 1] = np.concatenate([np.full(3, 7, values.dtype), values])
+            arrays[k] = a + 3
+        else:
+            continue
+        done.append(f"{ARRAY_NAMES[k]}:{what}")
+    return done
+
+
+def arrays_oracle(
+    arrays: list[Any], vocab: int | None, validate: bool
+) -> tuple[type[Exception] | None, str | None, list[list[list[int]]] | None]:
+    """Expected (error type, field named, columns) of ``from_arrays`` from its documentation."""
+    conv = []
+    for name, a in zip(ARRAY_NAMES, arrays, strict=True):
+        if isinstance(a, torch.Tensor):
+            a = a.numpy()
+        a = np.asarray(a)
+        if a.ndim != 1:
+            return ValueError, name, None
+        if a.dtype.kind not in "iu":
+            return TypeError, name, None
+        conv.append(a.astype(np.int64))
+    for k, name in enumerate(COLUMNS):
+        values, offsets = conv[2 * k], conv[2 * k + 1]
+        if not offsets.size or not 0 <= offsets[0] <= offsets[-1] <= values.size:
+            return ValueError, f"{name}_offsets", None
+    n = conv[1].size - 1
+    for k, name in ((1, "chosen"), (2, "rejected")):
+        if conv[2 * k + 1].size - 1 != n:
+            return ValueError, name, None
+    cols: list[list[list[int]]] = [[], [], []]
+    first_bad = None
+    for i in range(n):
+        for k, name in enumerate(COLUMNS):
+            values, offsets = conv[2 * k], conv[2 * k + 1]
+            s, e = offsets[i], offsets[i + 1]
+            if not 0 <= s <= e <= values.size:
+                first_bad = first_bad or f"{name}_offsets[{i}]"
+                cols[k].append([])
+                continue
+            run = values[s:e].tolist()
+            cols[k].append(run)
+            if first_bad is None and (
+                not run or min(run) < 0 or (vocab is not None and max(run) >= vocab)
+            ):
+                first_bad = f"{name}[{i}]"
+    if first_bad is not None:
+        return (ValueError if validate else None), first_bad, cols
+    return None, None, cols
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    cols=st.lists(
+        st.tuples(
+            st.lists(st.integers(-1, VOCAB), max_size=5),
+            st.lists(st.integers(-1, VOCAB), max_size=5),
+            st.lists(st.integers(-1, VOCAB), max_size=5),
+        ),
+        max_size=6,
+    ),
+    vocab=st.none() | st.integers(1, VOCAB + 2),
+    validate=st.booleans(),
+)
+def test_fuzz_from_arrays(data: Any, cols: list, vocab: int | None, validate: bool) -> None:
+    if data.draw(st.integers(0, 2)):  # mostly valid rows
+        cols = [
+            tuple([min(max(x, 0), VOCAB - 1) for x in r] or [1] for r in pair) for pair in cols
+        ]
+    arrays: list[Any] = []
+    for k in range(3):
+        values, offsets = flat([list(p[k]) for p in cols])
+        arrays += [values.astype(data.draw(st.sampled_from(["int32", "int64"]))), offsets]
+    note(f"mutations: {mutate(arrays, data)}")
+    etype, where, want = arrays_oracle(arrays, vocab, validate)
+    ds, err = call(
+        PreferenceDataset.from_arrays, *arrays, vocab_size=vocab, validate=validate
+    )
+    if etype is not None:
+        assert isinstance(err, etype), (etype, err)
+        assert_names(err, where)
+        return
+    assert err is None, err
+    n = len(want[0])
+    assert len(ds) == n
+    if where is None:
+        for i in range(n):
+            got = ds[i]
+            assert [got[c].tolist() for c in COLUMNS] == [want[k][i] for k in range(3)]
+        rows = [tuple(want[k][i] for k in range(3)) for i in range(n)]
+        check_batch(ds.collate(list(range(n))), rows, list(range(n)), {"layout": "padded"})
+        return
+    # validate=False kept a bad pair: every later call fails cleanly, naming that pair.
+    for fn in (ds.verify, lambda: ds.collate(list(range(n)), max_length=None)):
+        _, e = call(fn)
+        assert isinstance(e, ValueError), e
+        if vocab is None or not where.startswith(COLUMNS):
+            assert_names(e, where) if "offsets" in where or vocab is None else None
+    call(ds.batches, batch_size=2)
+    call(ds.stats, 2)
+    call(ds.select, list(range(n)))
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fuzzing: from_arrow
+
+ARROW_TYPES = {
+    "list<int32>": pa.list_(pa.int32()),
+    "list<int64>": pa.list_(pa.int64()),
+    "large_list<int64>": pa.large_list(pa.int64()),
+    "list<int8>": pa.list_(pa.int8()),
+    "list<uint16>": pa.list_(pa.uint16()),
+    "list<uint64>": pa.list_(pa.uint64()),
+    "list<float32>": pa.list_(pa.float32()),
+    "int64": pa.int64(),
+    "string": pa.string(),
+    "list<list<int64>>": pa.list_(pa.list_(pa.int64())),
+}
+
+
+@st.composite
+def arrow_column(draw: Any, n: int) -> tuple[Any, str, list[Any]]:
+    """An Arrow column (array or chunked), its type name and its rows (None for a null row)."""
+    tname = draw(st.sampled_from(list(ARROW_TYPES)))
+    unsigned = tname.startswith("list<uint")
+    rows: list[Any] = []
+    for _ in range(n):
+        if draw(st.integers(0, 11)) == 0:
+            rows.append(None)
+            continue
+        lo = 0 if unsigned else -1
+        row = draw(st.lists(st.integers(lo, VOCAB), min_size=0, max_size=5))
+        if draw(st.integers(0, 11)) == 0:
+            row = [*row, None]
+        rows.append(row)
+    if tname == "int64":
+        py = [r[0] if r and r[0] is not None else None for r in rows]
+    elif tname == "string":
+        py = [None if r is None else str(r) for r in rows]
+    elif tname == "list<list<int64>>":
+        py = [None if r is None else [r] for r in rows]
+    else:
+        py = rows
+    arr = pa.array(py, type=ARROW_TYPES[tname])
+    chunks = draw(st.integers(0, 3))
+    if chunks:
+        cuts = sorted(draw(st.lists(st.integers(0, n), min_size=chunks - 1, max_size=chunks - 1)))
+        bounds = [0, *cuts, n]
+        arr = pa.chunked_array(
+            [arr.slice(a, b - a) for a, b in itertools.pairwise(bounds)], type=arr.type
+        )
+    return arr, tname, rows
+
+
+@FUZZ
+@given(data=st.data(), n=st.integers(0, 6), vocab=st.none() | st.integers(1, VOCAB + 2))
+def test_fuzz_from_arrow(data: Any, n: int, vocab: int | None) -> None:
+    names = ("prompt_ids", "chosen_ids", "rejected_ids")
+    cols = {}
+    for name in names:
+        size = n if data.draw(st.integers(0, 9)) else data.draw(st.integers(0, 6))
+        cols[name] = data.draw(arrow_column(size))
+    missing = data.draw(st.none() | st.sampled_from(names))
+    container = data.draw(st.sampled_from(["table", "dict", "record_batch", "sliced"]))
+    start = data.draw(st.integers(0, 2))
+    rows_of = {k: v[2] for k, v in cols.items()}
+    present = {k: v[0] for k, v in cols.items() if k != missing}
+    if container == "dict" or len({len(v[2]) for v in cols.values()}) > 1:
+        src: Any = present
+        container = "dict"
+    else:
+        table = pa.table(present) if present else pa.table({"x": pa.array([], pa.int64())})
+        if container == "record_batch":
+            src = table.combine_chunks().to_batches()[0] if table.num_rows else table
+        elif container == "sliced":
+            src = table.slice(start)
+            rows_of = {k: v[start:] for k, v in rows_of.items()}
+        else:
+            src = table
+    ds, err = call(PreferenceDataset.from_arrow, src, vocab_size=vocab)
+    note(f"container={container} types={[cols[k][1] for k in names]} missing={missing}")
+    for name in names:
+        tname, rows = cols[name][1], rows_of[name]
+        if name == missing:
+            assert isinstance(err, ValueError), err
+            assert_names(err, name)
+            return
+        if not tname.startswith(("list<int", "list<uint", "large_list<int")):
+            assert isinstance(err, TypeError), err
+            assert_names(err, name)
+            return
+        nulls = [i for i, r in enumerate(rows) if r is None]
+        if nulls:
+            assert isinstance(err, ValueError), err
+            assert_names(err, f"{name}[{nulls[0]}]")
+            return
+        if any(None in r for r in rows):
+            assert isinstance(err, ValueError), err
+            assert name in str(err), err
+            return
+    lists = [rows_of[k] for k in names]
+    if len({len(x) for x in lists}) > 1:
+        assert isinstance(err, ValueError), err
+        return
+    where = pair_error(lists, vocab)
+    if where is not None:
+        assert isinstance(err, ValueError), err
+        assert_names(err, where)
+        return
+    assert err is None, err
+    assert len(ds) == len(lists[0])
+    for i in range(len(ds)):
+        assert [ds[i][c].tolist() for c in COLUMNS] == [x[i] for x in lists]
+
+
+def test_from_arrow_bad_columns_argument() -> None:
+    t = pa.table({"a": [[1]], "b": [[2]], "c": [[3]]})
+    for cols in ("abc", ("a", "b"), ("a", "b", "c", "d")):
+        with pytest.raises(ValueError, match="^columns:"):
+            PreferenceDataset.from_arrow(t, columns=cols)
+    assert PreferenceDataset.from_arrow(t, columns=("a", "b", "c"))[0]["rejected"].tolist() == [3]
+    with pytest.raises(TypeError, match="^data:"):
+        PreferenceDataset.from_arrow(42)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Fuzzing: collate and batches
+
+HUGE = [2**61, 2**62, I64_MAX, 2**63, 2**64, -(2**70)]
+OPTION_POOLS: dict[str, list[Any]] = {
+    "layout": [*LAYOUTS, *LAYOUTS, "PADDED", "", "pack", None, 1, b"padded"],
+    "max_length": [None, 2, 3, 5, 8, 16, 40, 0, 1, -1, True, 2.0, "8", *HUGE],
+    "max_prompt_length": [None, 1, 2, 4, 8, 0, -5, False, 3.5, *HUGE],
+    "truncation": [*TRUNCATIONS, *TRUNCATIONS, "end", None, 0],
+    "pad_token_id": [0, -1, 5, I64_MAX, -(2**63), 2**63, None, True, "0", 1.0],
+    "pad_to_multiple_of": [None, None, 1, 3, 8, 0, -1, True, 2.0, *HUGE],
+    "pack_length": [None, None, 8, 16, 40, 80, 0, -3, False, "x", *HUGE],
+    "vocab_size": [None, None, VOCAB, 3, 0, -1, I64_MAX, 2**64, True, 1.5],
+}
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def option_problem(name: str, v: Any, o: dict[str, Any]) -> type[Exception] | None:
+    """The exception a single option value must raise (None: valid)."""
+    if name in ("layout", "truncation"):
+        if not isinstance(v, str):
+            return TypeError
+        return None if v in (LAYOUTS if name == "layout" else TRUNCATIONS) else ValueError
+    if v is None:
+        return None
+    if not is_int(v):
+        return TypeError
+    if not -(2**63) <= v <= I64_MAX:
+        return ValueError
+    minimum = {
+        "max_length": 2,
+        "max_prompt_length": 1,
+        "pad_to_multiple_of": 1,
+        "pack_length": 1,
+        "batch_size": 1,
+        "max_tokens": 1,
+        "world_size": 1,
+        "group_batches": 1,
+        "seed": 0,
+        "epoch": 0,
+        "rank": 0,
+    }.get(name)
+    if minimum is not None and v < minimum:
+        return ValueError
+    if name == "pack_length" and is_int(o.get("max_length")) and v < o["max_length"]:
+        return ValueError if option_problem("max_length", o["max_length"], o) is None else None
+    return None
+
+
+def index_problem(idx: Any, n: int) -> tuple[type[Exception] | None, str | None, list[int]]:
+    if isinstance(idx, torch.Tensor):
+        idx = idx.numpy()
+    arr = np.asarray(idx)
+    if arr.dtype == object or (arr.size and arr.dtype.kind not in "iu"):
+        return TypeError, "indices", []
+    if arr.ndim != 1:
+        return ValueError, "indices", []
+    out = []
+    for k, i in enumerate(arr.astype(np.int64).tolist()):
+        i = i + n if i < 0 else i
+        if not 0 <= i < n:
+            return ValueError, f"indices[{k}]", []
+        out.append(i)
+    return None, None, out
+
+
+@st.composite
+def fuzz_indices(draw: Any, n: int) -> Any:
+    base = draw(st.lists(st.integers(-2 * n, 2 * n), max_size=8))
+    kind = draw(
+        st.sampled_from(["list"] * 4 + ["int64", "int8", "uint64", "float", "bool", "tensor"] + [
+            "scalar", "2d", "empty_float", "str", "none", "nested", "huge"
+        ])
+    )
+    return {
+        "list": lambda: base,
+        "int64": lambda: np.array(base, np.int64),
+        "int8": lambda: np.array(base, np.int8),
+        "uint64": lambda: np.array([abs(x) for x in base], np.uint64),
+        "float": lambda: np.array(base, np.float64),
+        "bool": lambda: [bool(x % 2) for x in base],
+        "tensor": lambda: torch.tensor(base, dtype=torch.int64),
+        "scalar": lambda: 0,
+        "2d": lambda: np.array([base, base]),
+        "empty_float": lambda: np.zeros(0),
+        "str": lambda: "0",
+        "none": lambda: None,
+        "nested": lambda: [base, [1]],
+        "huge": lambda: [2**64],
+    }[draw(st.just(kind))]()
+
+
+FUZZ_ROWS: Rows = [
+    ([1, 2, 3], [4, 5], [6]),
+    ([7], [8, 9, 10, 11], [12, 13]),
+    ([14, 15, 16, 17, 18, 19], [20], [21, 22, 23]),
+    ([45], [46], [47, 48, 49]),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fuzz_collate(data: Any) -> None:
+    ds = dataset_of(FUZZ_ROWS)
+    n = len(FUZZ_ROWS)
+    idx = data.draw(fuzz_indices(n))
+    o = {k: data.draw(st.sampled_from(v)) for k, v in OPTION_POOLS.items()}
+    note(f"indices={idx!r} options={o}")
+    batch, err = call(ds.collate, idx, **o)
+    problems = {k: option_problem(k, v, o) for k, v in o.items() if k != "vocab_size"}
+    vocab = o["vocab_size"]
+    problems["vocab_size"] = option_problem("vocab_size", vocab, o)
+    itype, iwhere, indices = index_problem(idx, n)
+    bad = {k: v for k, v in problems.items() if v is not None}
+    if itype is not None:
+        bad["indices"] = itype
+    if len(bad) > 1:
+        assert err is not None, "invalid options accepted"
+        return
+    if len(bad) == 1:
+        (name, etype), = bad.items()
+        assert isinstance(err, etype), (name, etype, err)
+        assert_names(err, iwhere if name == "indices" else name)
+        return
+    kept = [FUZZ_ROWS[i] for i in indices]
+    where = pair_error([[r[k] for r in kept] for k in range(3)], vocab)
+    if where is not None:
+        assert isinstance(err, ValueError), err
+        field, k = where[:-1].split("[")
+        assert_names(err, f"{field}[{indices[int(k)]}]")
+        return
+    assert err is None, err
+    check_batch(batch, FUZZ_ROWS, indices, o)
+
+
+PLAN_POOLS: dict[str, list[Any]] = {
+    "batch_size": [None, None, 1, 2, 3, 0, -1, True, 2.0, "2", *HUGE],
+    "max_tokens": [None, None, 1, 10, 40, 200, 0, -5, False, 1.5, *HUGE],
+    "shuffle": [True, False, 0, 1],
+    "seed": [0, 1, 12345, -1, I64_MAX, 2**64, None, 1.0, "1"],
+    "epoch": [0, 1, 7, -1, I64_MAX, 2**64, 2.5],
+    "group_by_length": [True, False],
+    "drop_last": [True, False, False],
+    "rank": [0, 0, 1, 2, 3, 5, -1, True, 1.0, I64_MAX],
+    "world_size": [1, 1, 2, 3, 4, 0, -1, False, 2.0, 2**62, I64_MAX, 2**64],
+    "group_batches": [1, 2, 64, 0, -1, True, I64_MAX],
+    "layout": OPTION_POOLS["layout"],
+    "max_length": OPTION_POOLS["max_length"],
+    "max_prompt_length": OPTION_POOLS["max_prompt_length"],
+    "truncation": OPTION_POOLS["truncation"],
+    "pad_to_multiple_of": OPTION_POOLS["pad_to_multiple_of"],
+    "pack_length": OPTION_POOLS["pack_length"],
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_fuzz_batches(data: Any) -> None:
+    rows = FUZZ_ROWS * 3
+    ds = dataset_of(rows)
+    o = {k: data.draw(st.sampled_from(v)) for k, v in PLAN_POOLS.items()}
+    note(f"options={o}")
+    plan, err = call(ds.batches, **o)
+    bad = {
+        k: option_problem(k, v, o)
+        for k, v in o.items()
+        if k not in ("shuffle", "group_by_length", "drop_last")
+    }
+    bad = {k: v for k, v in bad.items() if v is not None}
+    if (o["batch_size"] is None) == (o["max_tokens"] is None):
+        bad.setdefault("batch_size", ValueError)
+    if not bad and is_int(o["rank"]) and o["rank"] >= o["world_size"]:
+        bad["rank"] = ValueError
+    if len(bad) > 1:
+        assert err is not None, "invalid options accepted"
+        return
+    if len(bad) == 1:
+        (name, etype), = bad.items()
+        assert isinstance(err, etype), (name, etype, err)
+        assert_names(err, name)
+        return
+    ws = o["world_size"]
+    lengths = [tuple(map(len, r)) for r in rows]
+    keys = pair_keys(lengths, o)
+    if err is not None:
+        assert isinstance(err, ValueError) and not o["drop_last"], err
+        assert not plan_feasible(keys, ws, o["max_tokens"], o), f"ValueError although a plan exists: {err}"
+        return
+    if ws <= 4:
+        plans = [plan if r == o["rank"] else ds.batches(**{**o, "rank": r}) for r in range(ws)]
+        check_plans(len(rows), lengths, {**o, "shuffle": bool(o["shuffle"])}, plans)
+    else:
+        assert (np.diff(plan.offsets) > 0).all()
+        assert len(set(plan.indices.tolist())) == len(plan.indices)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Store save / load
+
+
+def canonical(rows: Rows) -> dict[str, np.ndarray]:
+    """The six arrays a saved store must hold: int32 values and int64 offsets from 0."""
+    out = {}
+    for k, name in enumerate(COLUMNS):
+        values, offsets = flat([r[k] for r in rows])
+        out[f"{name}_values"], out[f"{name}_offsets"] = values.astype(np.int32), offsets
+    return out
+
+
+def assert_store(ds: PreferenceDataset, rows: Rows) -> None:
+    want = canonical(rows)
+    got = ds.arrays
+    assert set(got) == set(want)
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype, (name, got[name].dtype)
+        np.testing.assert_array_equal(got[name], a, err_msg=name)
+    assert len(ds) == len(rows)
+    for i, r in enumerate(rows):
+        assert tuple(ds[i][c].tolist() for c in COLUMNS) == r
+
+
+def header_crc(meta: dict[str, Any]) -> int:
+    body = {k: v for k, v in meta.items() if k != "header_crc32"}
+    blob = json.dumps(body, sort_keys=True).encode()
+    return zlib.crc32(blob) if blob else 0
+
+
+saved_rows = st.lists(
+    st.tuples(
+        *[
+            st.lists(st.integers(0, VOCAB) | st.sampled_from([2**31 - 1, 2**31]), min_size=1, max_size=8)
+        ]
+        * 3
+    ),
+    max_size=8,
+)
+
+
+@st.composite
+def build_store(draw: Any, rows: Rows) -> PreferenceDataset:
+    """The same pairs through different constructors (int32/int64, offset views, selections)."""
+    how = draw(st.sampled_from(["lists", "arrays", "shifted", "select"]))
+    if how == "lists" or not rows:
+        return PreferenceDataset.from_lists(*(list(x) for x in zip(*rows, strict=True)) or ([], [], []))
+    arrays = []
+    for k in range(3):
+        values, offsets = flat([r[k] for r in rows])
+        if how == "shifted":
+            values, offsets = np.concatenate([[5, 2**40], values]), offsets + 2
+        arrays += [values.astype(draw(st.sampled_from(["int64", "uint32"]))), offsets]
+    ds = PreferenceDataset.from_arrays(*arrays)
+    return ds.select(list(range(len(rows)))) if how == "select" else ds
+
+
+@FILES
+@given(rows=saved_rows, data=st.data())
+def test_save_load_roundtrip(rows: Rows, data: Any) -> None:
+    rows = [tuple(map(list, r)) for r in rows]
+    ds = data.draw(build_store(rows))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        _, err = call(ds.save, path)
+        where = pair_error([[r[k] for r in rows] for k in range(3)], 2**31)
+        if where is not None:
+            assert isinstance(err, ValueError), err
+            assert_names(err, where)
+            assert not path.exists() or not any(path.iterdir()), "a failed save left files behind"
+            return
+        assert err is None, err
+        assert sorted(os.listdir(path)) == ["rlox_store.json", "tokens.bin"]
+        for mmap in (True, False):
+            for verify in (True, False, None):
+                loaded = PreferenceDataset.load(path, mmap=mmap, verify=verify)
+                assert_store(loaded, rows)
+                assert_store(pickle.loads(pickle.dumps(loaded)), rows)
+                loaded.verify()
+
+
+CORRUPTIONS = (
+    "truncate",
+    "extend",
+    "flip",
+    "flip_section",
+    "edit_number",
+    "edit_number_fixed_crc",
+    "delete_data",
+    "delete_meta",
+    "garbage_meta",
+)
+
+
+def corrupt(path: Path, kind: str, data: Any) -> bool:
+    """Damage a saved store; True when its data sections can no longer be what was saved."""
+    tokens, meta_file = path / "tokens.bin", path / "rlox_store.json"
+    raw = bytearray(tokens.read_bytes())
+    meta = json.loads(meta_file.read_text())
+    if kind == "truncate":
+        tokens.write_bytes(raw[: data.draw(st.integers(0, max(len(raw) - 1, 0)))])
+    elif kind == "extend":
+        tokens.write_bytes(raw + bytes(data.draw(st.integers(1, 70))))
+    elif kind in ("flip", "flip_section"):
+        spans = [
+            (s["offset"], s["offset"] + s["count"] * np.dtype(s["dtype"]).itemsize)
+            for s in meta["sections"]
+            if s["count"]
+        ]
+        if kind == "flip_section":
+            a, b = data.draw(st.sampled_from(spans))
+            at = data.draw(st.integers(a, b - 1))
+        else:
+            at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] ^= data.draw(st.integers(1, 255))
+        tokens.write_bytes(raw)
+        return any(a <= at < b for a, b in spans)
+    elif kind.startswith("edit_number"):
+        targets = ["num_pairs", "data_bytes", "version"] + [
+            (k, f) for k in range(6) for f in ("offset", "count", "crc32")
+        ]
+        t = data.draw(st.sampled_from(targets))
+        old = meta[t] if isinstance(t, str) else meta["sections"][t[0]][t[1]]
+        new = data.draw(
+            st.sampled_from([old + 1, old - 1, old + 8, old + 64, -1, 0, 2**70, old + 0.5])
+        )
+        if isinstance(t, str):
+            meta[t] = new
+        else:
+            meta["sections"][t[0]][t[1]] = new
+        if kind == "edit_number_fixed_crc":
+            meta["header_crc32"] = header_crc(meta)
+        meta_file.write_text(json.dumps(meta))
+        return False
+    elif kind == "delete_data":
+        tokens.unlink()
+    elif kind == "delete_meta":
+        meta_file.unlink()
+    else:
+        meta_file.write_bytes(data.draw(st.sampled_from([b"", b"{", b"[]", b"\xff\xfe", b"null"])))
+    return True
+
+
+def exercise(ds: PreferenceDataset) -> None:
+    """Every read path of a possibly corrupted store: only ValueError/TypeError may escape."""
+    n = len(ds)
+    verified = call(ds.verify)[1] is None
+    for layout in LAYOUTS:
+        _, err = call(ds.collate, list(range(n)), layout=layout, max_length=None)
+        if verified:
+            assert err is None, f"verify() passed but collate failed: {err}"
+    call(ds.batches, batch_size=2)
+    call(ds.batches, max_tokens=64, layout="packed")
+    call(ds.stats, 2)
+    call(ds.select, list(range(n)))
+    call(ds.lengths)
+    for i in range(n):
+        call(ds.__getitem__, i)
+
+
+@FILES
+@given(
+    rows=saved_rows.map(lambda rs: [r for r in rs if max(map(max, r)) < 2**31]),
+    kind=st.sampled_from(CORRUPTIONS),
+    data=st.data(),
+)
+def test_corrupted_store(rows: Rows, kind: str, data: Any) -> None:
+    rows = [tuple(map(list, r)) for r in rows]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        dataset_of(rows).save(path) if rows else PreferenceDataset.from_lists([], [], []).save(path)
+        damaged = corrupt(path, kind, data)
+        note(f"damaged data={damaged}")
+        for mmap in (False, True):
+            ds, err = call(PreferenceDataset.load, path, mmap=mmap, verify=True)
+            if err is not None:
+                assert isinstance(err, ValueError) and "path" in str(err), err
+            else:
+                assert not damaged or kind == "flip" and not damaged, "corruption not detected"
+                assert_store(ds, rows)
+            ds, err = call(PreferenceDataset.load, path, mmap=mmap, verify=False)
+            if err is not None:
+                assert isinstance(err, ValueError) and "path" in str(err), err
+            else:
+                exercise(ds)
