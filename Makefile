@@ -32,6 +32,8 @@ demo: install
 
 bench: install
 	$(PY) benches/bench_loss.py
+	$(PY) benches/bench_data.py
+	$(PY) benches/bench_text.py
 
 lint: install
 	cargo fmt --check

@@ -12,6 +12,8 @@
 //! it, its id, its pair and its side (0 chosen, 1 rejected). Summing log-softmax at those points by
 //! (side, pair) gives the same sequence log-probs in every layout.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::errors::{Result, RloxError};
@@ -286,6 +288,12 @@ pub struct Collated {
     pub plan_side: Vec<i64>,
 }
 
+fn put<T: Copy>(dst: &mut [MaybeUninit<T>], v: T) {
+    for d in dst {
+        d.write(v);
+    }
+}
+
 /// Split `v` into consecutive mutable pieces of the given lengths.
 fn split_lens<'a, T>(mut v: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
     let mut out = Vec::with_capacity(lens.len());
@@ -388,82 +396,117 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
     let total: usize = plan_lens.iter().sum();
 
     let cells = rows * length;
+    // Every output cell is written exactly once below: the pieces of a row cover `0..fill`
+    // contiguously and the tail `fill..length` is padding; each plan entry belongs to one token.
+    let (mut ids_v, mut att_v, mut pos_v) = (
+        Vec::<i64>::with_capacity(cells),
+        Vec::<i64>::with_capacity(cells),
+        Vec::<i64>::with_capacity(cells),
+    );
+    let mut lm_v = Vec::<bool>::with_capacity(cells);
+    let mut sid_v = Vec::<i32>::with_capacity(cells);
+    let mut plan_v: [Vec<i64>; 5] = std::array::from_fn(|_| Vec::with_capacity(total));
+    let width = length.max(1);
+    {
+        let [pr, pp, pt, pa, ps] = &mut plan_v;
+        let plan = (
+            split_lens(&mut pr.spare_capacity_mut()[..total], &plan_lens),
+            split_lens(&mut pp.spare_capacity_mut()[..total], &plan_lens),
+            split_lens(&mut pt.spare_capacity_mut()[..total], &plan_lens),
+            split_lens(&mut pa.spare_capacity_mut()[..total], &plan_lens),
+            split_lens(&mut ps.spare_capacity_mut()[..total], &plan_lens),
+        );
+        let pad = o.pad_token_id;
+        ids_v.spare_capacity_mut()[..cells]
+            .par_chunks_mut(width)
+            .zip(att_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
+            .zip(pos_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
+            .zip(lm_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
+            .zip(sid_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
+            .zip(plan.0.into_par_iter())
+            .zip(plan.1.into_par_iter())
+            .zip(plan.2.into_par_iter())
+            .zip(plan.3.into_par_iter())
+            .zip(plan.4.into_par_iter())
+            .enumerate()
+            .for_each(
+                |(
+                    row,
+                    (((((((((ids, att), pos), lm), sid), p_row), p_pos), p_tgt), p_pair), p_side),
+                )| {
+                    let mut k = 0;
+                    let mut fill = 0;
+                    for pc in &row_pieces[row] {
+                        let (np, nc) = (pc.prompt.len(), pc.completion.len());
+                        let first = pc.start;
+                        let (comp_at, pos0) = match pc.shared_prompt_end {
+                            None => {
+                                pc.prompt.write_to(&mut ids[first..first + np]);
+                                put(&mut lm[first..first + np], false);
+                                (first + np, 0)
+                            }
+                            Some(_) => (first, np),
+                        };
+                        let end = comp_at + nc;
+                        fill = fill.max(end);
+                        pc.completion.write_to(&mut ids[comp_at..end]);
+                        put(&mut lm[comp_at..end], true);
+                        put(&mut att[first..end], 1);
+                        put(&mut sid[first..end], pc.seq_id);
+                        for (x, p) in pos[first..end].iter_mut().zip(pos0 as i64..) {
+                            x.write(p);
+                        }
+                        for t in 0..nc {
+                            let pred = match (pc.shared_prompt_end, t) {
+                                (Some(pe), 0) => pe - 1,
+                                _ => comp_at + t - 1,
+                            };
+                            p_row[k].write(row as i64);
+                            p_pos[k].write(pred as i64);
+                            p_tgt[k].write(pc.completion.get(t));
+                            p_pair[k].write(pc.pair as i64);
+                            p_side[k].write(pc.side as i64);
+                            k += 1;
+                        }
+                    }
+                    debug_assert_eq!(k, p_row.len());
+                    put(&mut ids[fill..], pad);
+                    put(&mut att[fill..], 0);
+                    put(&mut pos[fill..], 0);
+                    put(&mut lm[fill..], false);
+                    put(&mut sid[fill..], -1);
+                },
+            );
+    }
+    // SAFETY: the loop above initialised all `cells` elements of each matrix (rows are disjoint
+    // chunks, each written over `0..length`) and all `total` plan entries (one per token).
+    unsafe {
+        ids_v.set_len(cells);
+        att_v.set_len(cells);
+        pos_v.set_len(cells);
+        lm_v.set_len(cells);
+        sid_v.set_len(cells);
+        for v in &mut plan_v {
+            v.set_len(total);
+        }
+    }
+    let [plan_row, plan_position, plan_target, plan_pair, plan_side] = plan_v;
     let mut out = Collated {
         rows,
         length,
-        input_ids: vec![o.pad_token_id; cells],
-        attention_mask: vec![0; cells],
-        position_ids: vec![0; cells],
-        loss_mask: vec![false; cells],
-        sequence_ids: vec![-1; cells],
-        plan_row: vec![0; total],
-        plan_position: vec![0; total],
-        plan_target: vec![0; total],
-        plan_pair: vec![0; total],
-        plan_side: vec![0; total],
+        input_ids: ids_v,
+        attention_mask: att_v,
+        position_ids: pos_v,
+        loss_mask: lm_v,
+        sequence_ids: sid_v,
+        plan_row,
+        plan_position,
+        plan_target,
+        plan_pair,
+        plan_side,
         skipped,
         ..Default::default()
     };
-    let width = length.max(1);
-    let plan = (
-        split_lens(&mut out.plan_row, &plan_lens),
-        split_lens(&mut out.plan_position, &plan_lens),
-        split_lens(&mut out.plan_target, &plan_lens),
-        split_lens(&mut out.plan_pair, &plan_lens),
-        split_lens(&mut out.plan_side, &plan_lens),
-    );
-    out.input_ids
-        .par_chunks_mut(width)
-        .zip(out.attention_mask.par_chunks_mut(width))
-        .zip(out.position_ids.par_chunks_mut(width))
-        .zip(out.loss_mask.par_chunks_mut(width))
-        .zip(out.sequence_ids.par_chunks_mut(width))
-        .zip(plan.0.into_par_iter())
-        .zip(plan.1.into_par_iter())
-        .zip(plan.2.into_par_iter())
-        .zip(plan.3.into_par_iter())
-        .zip(plan.4.into_par_iter())
-        .enumerate()
-        .for_each(
-            |(
-                row,
-                (((((((((ids, att), pos), lm), sid), p_row), p_pos), p_tgt), p_pair), p_side),
-            )| {
-                let mut k = 0;
-                for pc in &row_pieces[row] {
-                    let (np, nc) = (pc.prompt.len(), pc.completion.len());
-                    let (comp_at, pos0) = match pc.shared_prompt_end {
-                        None => {
-                            let s = pc.start;
-                            pc.prompt.copy_to(&mut ids[s..s + np]);
-                            (s + np, 0)
-                        }
-                        Some(_) => (pc.start, np),
-                    };
-                    let end = comp_at + nc;
-                    pc.completion.copy_to(&mut ids[comp_at..end]);
-                    let first = pc.start;
-                    att[first..end].fill(1);
-                    sid[first..end].fill(pc.seq_id);
-                    lm[comp_at..end].fill(true);
-                    for (x, p) in pos[first..end].iter_mut().zip(pos0 as i64..) {
-                        *x = p;
-                    }
-                    for t in 0..nc {
-                        let pred = match (pc.shared_prompt_end, t) {
-                            (Some(pe), 0) => pe - 1,
-                            _ => comp_at + t - 1,
-                        };
-                        p_row[k] = row as i64;
-                        p_pos[k] = pred as i64;
-                        p_tgt[k] = ids[comp_at + t];
-                        p_pair[k] = pc.pair as i64;
-                        p_side[k] = pc.side as i64;
-                        k += 1;
-                    }
-                }
-            },
-        );
     if o.layout == Layout::Packed {
         let mut cu = vec![0i64];
         for (row, pieces) in row_pieces.iter().enumerate() {

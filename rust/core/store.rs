@@ -43,10 +43,14 @@ impl<'a> Ints<'a> {
     }
 
     /// Write the values into `dst` (same length) as `i64`.
-    pub fn copy_to(&self, dst: &mut [i64]) {
+    pub fn write_to(&self, dst: &mut [std::mem::MaybeUninit<i64>]) {
         match self {
-            Ints::I32(v) => dst.iter_mut().zip(*v).for_each(|(d, &s)| *d = i64::from(s)),
-            Ints::I64(v) => dst.copy_from_slice(v),
+            Ints::I32(v) => dst.iter_mut().zip(*v).for_each(|(d, &s)| {
+                d.write(i64::from(s));
+            }),
+            Ints::I64(v) => dst.iter_mut().zip(*v).for_each(|(d, &s)| {
+                d.write(s);
+            }),
         }
     }
 
