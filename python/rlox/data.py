@@ -188,7 +188,10 @@ def _indices(indices: Any, n: int | None = None) -> np.ndarray:
     """A 1-D int64 index array (negative indices count from the end when ``n`` is given)."""
     if isinstance(indices, Tensor):
         indices = indices.detach().cpu().numpy()
-    arr = np.asarray(indices)
+    try:
+        arr = np.asarray(indices)
+    except (ValueError, TypeError):
+        raise TypeError("indices: expected a 1-D sequence of ints") from None
     if arr.dtype == object or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"indices: expected integers, got dtype {arr.dtype}")
     if arr.ndim != 1:
@@ -209,7 +212,10 @@ def _flatten(name: str, rows: Any) -> tuple[np.ndarray, np.ndarray]:
             row = row.detach().cpu().numpy()
         if isinstance(row, (str, bytes, Mapping)) or not isinstance(row, Iterable):
             raise TypeError(f"{name}[{i}]: expected a sequence of ints, got {type(row).__name__}")
-        arr = row if isinstance(row, np.ndarray) else np.asarray(list(row))
+        try:
+            arr = row if isinstance(row, np.ndarray) else np.asarray(list(row))
+        except (ValueError, TypeError):
+            raise TypeError(f"{name}[{i}]: expected a flat sequence of ints") from None
         if arr.ndim != 1:
             raise TypeError(f"{name}[{i}]: expected a flat sequence of ints, got shape {arr.shape}")
         if arr.size == 0:
@@ -256,10 +262,16 @@ def _arrow_column(table: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     if col.null_count:
         first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
         raise ValueError(f"{name}[{first}]: null row")
+    offsets = col.offsets.to_numpy(zero_copy_only=True)
     values = col.values
-    if values.null_count:
-        raise ValueError(f"{name}: null token id inside a row")
-    return values.to_numpy(zero_copy_only=True), col.offsets.to_numpy(zero_copy_only=True)
+    used = values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])) if len(offsets) else values
+    if used.null_count:
+        first = int(np.flatnonzero(used.is_null().to_numpy(zero_copy_only=False))[0])
+        row = int(np.searchsorted(offsets, offsets[0] + first, side="right")) - 1
+        raise ValueError(f"{name}[{row}]: null token id")
+    if values.null_count:  # nulls outside the rows in use: keep only the used run of values
+        return used.to_numpy(zero_copy_only=True), offsets - offsets[0]
+    return values.to_numpy(zero_copy_only=True), offsets
 
 
 class PreferenceDataset:

@@ -65,6 +65,9 @@ impl Truncation {
     }
 }
 
+/// Largest batch, in cells (`rows * length`), that collation builds.
+pub const MAX_CELLS: usize = 1 << 32;
+
 /// Collation options (see the Python `PreferenceDataset.collate` for their documentation).
 #[derive(Debug, Clone, Copy)]
 pub struct CollateOptions {
@@ -128,7 +131,7 @@ impl CollateOptions {
     /// Round a row length up to `pad_to_multiple_of`.
     pub fn round(&self, n: usize) -> usize {
         match self.pad_to_multiple_of {
-            Some(m) => n.div_ceil(m) * m,
+            Some(m) => n.div_ceil(m).saturating_mul(m),
             None => n,
         }
     }
@@ -341,6 +344,21 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
     }
     let b = kept.len();
     let cuts: Vec<Cut> = kept.iter().map(|k| k.1).collect();
+    if let (Layout::Packed, Some(cap)) = (o.layout, o.pack_length) {
+        for (p, c) in &kept {
+            let n = c.prompt + c.chosen.max(c.rejected);
+            if n > cap {
+                return Err(RloxError::value(
+                    "pack_length",
+                    format!(
+                        "pair {} has a sequence of {n} tokens, more than pack_length={cap}; \
+                         set max_length <= pack_length",
+                        p.index
+                    ),
+                ));
+            }
+        }
+    }
     let (rows, length, _) = batch_shape(&cuts, o);
 
     let mut row_pieces: Vec<Vec<Piece<'_>>> = vec![Vec::new(); rows];
@@ -395,7 +413,18 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
         .collect();
     let total: usize = plan_lens.iter().sum();
 
-    let cells = rows * length;
+    let cells = rows.saturating_mul(length);
+    if cells > MAX_CELLS {
+        let field = if o.pad_to_multiple_of.is_some_and(|m| m > 1) {
+            "pad_to_multiple_of"
+        } else {
+            "indices"
+        };
+        return Err(RloxError::value(
+            field,
+            format!("the batch would hold {rows} x {length} cells, more than {MAX_CELLS}"),
+        ));
+    }
     // Every output cell is written exactly once below: the pieces of a row cover `0..fill`
     // contiguously and the tail `fill..length` is padding; each plan entry belongs to one token.
     let (mut ids_v, mut att_v, mut pos_v) = (

@@ -131,8 +131,8 @@ fn key(c: &Option<Cut>, layout: Layout) -> usize {
 /// and whose keys sum to `sum`.
 fn cost(n: usize, longest: usize, sum: usize, o: &CollateOptions) -> usize {
     match o.layout {
-        Layout::Padded => 2 * n * o.round(longest),
-        Layout::PrefixShared => n * o.round(longest),
+        Layout::Padded => n.saturating_mul(2).saturating_mul(o.round(longest)),
+        Layout::PrefixShared => n.saturating_mul(o.round(longest)),
         Layout::Packed => sum,
     }
 }
@@ -231,7 +231,7 @@ pub fn plan(lengths: [&[i64]; 3], o: &PlanOptions) -> Result<Plan> {
 
     let mut rounds: Vec<Vec<Vec<i64>>> = Vec::new();
     if let Some(bs) = o.batch_size {
-        let full = bs * ws;
+        let full = bs.saturating_mul(ws);
         let (whole, rest) = (n / full, n % full);
         let mut bounds: Vec<(usize, usize)> =
             (0..whole).map(|k| (k * full, (k + 1) * full)).collect();
@@ -260,6 +260,20 @@ pub fn plan(lengths: [&[i64]; 3], o: &PlanOptions) -> Result<Plan> {
             if o.drop_last {
                 batches.truncate(batches.len() - batches.len() % ws);
             } else {
+                let batch_cost = |b: &[i64]| -> usize {
+                    let ks = b.iter().map(|&i| keys[i as usize]);
+                    cost(b.len(), ks.clone().max().unwrap_or(0), ks.sum(), &o.collate)
+                };
+                let infeasible = || {
+                    RloxError::value(
+                        "world_size",
+                        format!(
+                            "{n} pairs cannot be planned into a multiple of {ws} batches within \
+                             max_tokens={budget}; use drop_last or change max_tokens"
+                        ),
+                    )
+                };
+                let mut split = true;
                 while batches.len() % ws != 0 {
                     let (big, size) = batches
                         .iter()
@@ -267,14 +281,26 @@ pub fn plan(lengths: [&[i64]; 3], o: &PlanOptions) -> Result<Plan> {
                         .map(|(k, b)| (k, b.len()))
                         .max_by_key(|&(k, len)| (len, std::cmp::Reverse(k)))
                         .unwrap_or((0, 0));
-                    if size < 2 {
-                        return Err(RloxError::value(
-                            "world_size",
-                            format!("{n} pairs cannot give each of {ws} ranks a batch"),
-                        ));
+                    if split && size >= 2 {
+                        let tail = batches[big].split_off(size / 2);
+                        batches.insert(big + 1, tail);
+                        continue;
                     }
-                    let tail = batches[big].split_off(size / 2);
-                    batches.insert(big + 1, tail);
+                    // Only single pairs left to split: merge the two cheapest batches instead.
+                    split = false;
+                    if batches.len() < 2 {
+                        return Err(infeasible());
+                    }
+                    let mut order: Vec<usize> = (0..batches.len()).collect();
+                    order.sort_by_key(|&k| (batch_cost(&batches[k]), k));
+                    let (a, b) = (order[0].min(order[1]), order[0].max(order[1]));
+                    let mut merged = batches[a].clone();
+                    merged.extend_from_slice(&batches[b]);
+                    if batch_cost(&merged) > budget {
+                        return Err(infeasible());
+                    }
+                    batches.remove(b);
+                    batches[a] = merged;
                 }
             }
         }
