@@ -533,3 +533,32 @@ def test_tokenizer_errors(bpe, hf, wordlevel):
         tokenize_preferences(records, hf, batch_size=0)
     with pytest.raises(TypeError, match="records_or_path"):
         tokenize_preferences(records[0], hf)
+
+
+def test_dataset_from_text_trains_end_to_end(tmp_path, hf):
+    """Text file -> PreferenceDataset -> saved store -> packed batch -> one DPO step."""
+    import copy
+
+    import torch
+
+    from rlox import DPO, PreferenceDataset
+    from rlox.models import TinyCausalLM, TinyLMConfig
+
+    texts = sentences(24, seed=3)
+    records = [
+        {"prompt": texts[i], "chosen": " " + texts[i + 1], "rejected": " " + texts[i + 2]}
+        for i in range(0, 21, 3)
+    ]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ds = PreferenceDataset.from_text(path, hf)
+    want = quiet(records, hf)
+    assert len(ds) == len(records)
+    for name in ("prompt", "chosen", "rejected"):
+        assert [ds[i][name].tolist() for i in range(len(ds))] == rows(want, name)
+    store = PreferenceDataset.load(ds.save(tmp_path / "store"), verify=True)
+    torch.manual_seed(0)
+    model = TinyCausalLM(TinyLMConfig(vocab_size=len(hf), d_model=16, n_layers=1, n_heads=2))
+    trainer = DPO(model, copy.deepcopy(model))
+    metrics = trainer.train_step(store.collate(range(len(store)), layout="packed"))
+    assert metrics["skipped"] == 0.0 and metrics["loss"] > 0
