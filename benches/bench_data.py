@@ -1,12 +1,12 @@
 """Preference data plane: store build/save/load, collation throughput and padding, side by side.
 
-Usage: python benches/bench_data.py [--pairs 1000000] [--quick] [--repeats 3]
+Usage: python benches/bench_data.py [--pairs 1000000] [--quick] [--repeats 3] [--python-pairs N]
 
 Two synthetic length profiles (UltraFeedback-like and HH-like; lognormal lengths, sigma 0.7,
 capped at 2048, ids uniform in [1, 32000) as int32) are built as flat values + int64 offsets.
 For each profile it measures (1) building, saving, memory-mapping and verifying the store, each
-step in a fresh subprocess for its wall time and peak RSS, plus one epoch of padded batches read
-from the memory-mapped store; (2) one epoch of planning + collation in each layout against a
+step in a fresh subprocess for its wall time and peak RSS, plus an epoch of padded batches read
+from the memory-mapped store with and without its resident-page budget; (2) one epoch of planning + collation in each layout against a
 TRL-style per-example Python collator and a vectorised numpy collator; (3) the padding fraction
 of each layout.
 """
@@ -47,7 +47,8 @@ STEPS = {
     "load": "load(dir) mmap",
     "verify": "load(dir, verify=True)",
     "verify_cold": "load(dir, verify=True) cold",
-    "iterate": "epoch of padded batches",
+    "iterate": "padded epoch, max_resident 1 GiB",
+    "unbounded": "padded epoch, max_resident None",
 }
 Columns = dict[str, np.ndarray]
 
@@ -109,7 +110,18 @@ def child(step: str, workdir: str) -> None:
     elif step == "verify_cold":
         evict(store_dir / "tokens.bin")
     elif step == "iterate":
-        args = PreferenceDataset.load(store_dir)
+        args = PreferenceDataset.load(store_dir)  # default budget of resident mapped pages
+    elif step == "unbounded":
+        args = PreferenceDataset.load(store_dir, max_resident=None)
+    drops = [0]
+    if step in ("iterate", "unbounded"):
+        release = args.release_pages
+
+        def counted() -> None:  # count how often the store drops its resident pages
+            drops[0] += 1
+            release()
+
+        args.release_pages = counted
     before = proc_status()["VmRSS"]
     reset_peak()
     t0 = time.perf_counter()
@@ -122,7 +134,7 @@ def child(step: str, workdir: str) -> None:
         kept = PreferenceDataset.load(store_dir)
     elif step in ("verify", "verify_cold"):
         kept = PreferenceDataset.load(store_dir, mmap=True, verify=True)
-    elif step == "iterate":
+    elif step in ("iterate", "unbounded"):
         plan = args.batches(batch_size=BATCH, shuffle=True, seed=0, max_length=MAX_LENGTH)
         anon_max = 0
         for k, idx in enumerate(plan):
@@ -130,6 +142,7 @@ def child(step: str, workdir: str) -> None:
             if k % 256 == 0:
                 anon_max = max(anon_max, proc_status()["RssAnon"])
         extra = {"batches": len(plan), "anon_max": max(anon_max, proc_status()["RssAnon"])}
+        extra["drops"] = drops[0]
     elapsed = time.perf_counter() - t0
     end = proc_status()
     result = {"time": elapsed, "base": start["VmHWM"], "base_anon": start["RssAnon"]}
@@ -148,12 +161,12 @@ def run_child(step: str, workdir: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def store_steps(cols: Columns, workdir: Path, repeats: int) -> dict[str, Any]:
+def store_steps(cols: Columns, workdir: Path, repeats: int, steps: list[str]) -> dict[str, Any]:
     """Median time and peak RSS of each store step, each run `repeats` times in a fresh process."""
     for k in NAMES:
         np.save(workdir / f"{k}.npy", cols[k])
     out: dict[str, Any] = {}
-    for step in STEPS:
+    for step in steps:
         runs = [run_child(step, workdir) for _ in range(repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         out[step] = med
@@ -202,8 +215,14 @@ def segment_arange(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(starts, lengths)
 
 
-def numpy_collate(cols: Columns, idx: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
-    """The padded layout with whole-array numpy ops only (gather indices from repeat/cumsum)."""
+def numpy_collate(
+    cols: Columns, idx: np.ndarray, max_length: int, full: bool = False
+) -> dict[str, np.ndarray]:
+    """The padded layout with whole-array numpy ops only (gather indices from repeat/cumsum).
+
+    With ``full``, also every other field rlox's padded batch carries: the gather plan, the
+    sequence ids, the lengths and the store index of each pair.
+    """
     po = cols["prompt_offsets"]
     ps = po[idx]
     pl = po[idx + 1] - ps
@@ -231,24 +250,36 @@ def numpy_collate(cols: Columns, idx: np.ndarray, max_length: int) -> dict[str, 
         flat[np.repeat(rows, length) + within] = values[np.repeat(start, length) + within]
     t = np.arange(width, dtype=np.int64)
     attention = t < total[:, None]
-    return {
+    out = {
         "input_ids": ids,
         "attention_mask": attention.astype(np.int64),
         "position_ids": np.where(attention, t, 0),
         "loss_mask": attention & (t >= pl2[:, None]),
     }
+    if full:
+        rows = np.arange(2 * b, dtype=np.int64)
+        cl2 = total - pl2
+        row = np.repeat(rows, cl2)
+        position = np.repeat(pl2 - 1, cl2) + segment_arange(cl2)
+        out["sequence_ids"] = np.where(attention, rows[:, None].astype(np.int32), np.int32(-1))
+        out |= {"plan_row": row, "plan_position": position, "plan_pair": row % b}
+        out |= {"plan_target": flat[row * width + position + 1], "plan_side": row // b}
+        out |= {"prompt_lengths": pl, "chosen_lengths": parts[0][2], "pair_index": idx}
+        out["rejected_lengths"] = parts[1][2]
+    return out
 
 
 def check_same(ds: PreferenceDataset, cols: Columns, idx: np.ndarray) -> None:
     """Rust padded output == both contenders' output on the pairs ``idx``."""
     rust = ds.collate(idx, layout="padded", max_length=MAX_LENGTH)
-    ref_np = numpy_collate(cols, idx, MAX_LENGTH)
+    ref_np = numpy_collate(cols, idx, MAX_LENGTH, full=True)
     ref_py = python_collate(cols, idx, MAX_LENGTH)
     for key in ("input_ids", "attention_mask", "loss_mask"):
         got = getattr(rust, key)
         assert torch.equal(got, torch.from_numpy(ref_np[key])), f"numpy {key} differs"
         assert torch.equal(got, ref_py[key].to(got.dtype)), f"python {key} differs"
-    assert torch.equal(rust.position_ids, torch.from_numpy(ref_np["position_ids"]))
+    for key, value in ref_np.items():  # every other field the full numpy variant builds
+        assert torch.equal(getattr(rust, key), torch.from_numpy(value)), f"numpy {key} differs"
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -291,11 +322,24 @@ def collation(
     )
     for layout in LAYOUTS:
         out[layout] = timed(lambda layout=layout: rust_epoch(ds, layout), repeats) / n
+    kw = {"layout": "padded", "max_length": MAX_LENGTH, "max_prompt_length": None}
+    kw |= {"truncation": "keep_end", "pad_token_id": 0, "pad_to_multiple_of": None}
+    kw |= {"pack_length": None, "vocab_size": None}
+
+    def kernel_only() -> None:  # the Rust call alone, without wrapping its arrays as tensors
+        for idx in plan:
+            ds._store.collate(idx, **kw)
+
+    out["kernel"] = timed(kernel_only, repeats) / n
     out["packed4096"] = timed(lambda: rust_epoch(ds, "packed", PACK_LENGTH), repeats) / n
     t0 = time.perf_counter()
     for idx in plan:
         numpy_collate(cols, idx, MAX_LENGTH)
     out["numpy"] = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for idx in plan:
+        numpy_collate(cols, idx, MAX_LENGTH, full=True)
+    out["numpy_full"] = (time.perf_counter() - t0) / n
     rng = np.random.default_rng(1)
     order = rng.permutation(len(plan))
     sizes = np.diff(plan.offsets)[order]
@@ -303,16 +347,14 @@ def collation(
     subset = [plan[int(k)] for k in chosen]
     m = sum(len(idx) for idx in subset)
     out["subset_batches"], out["subset_pairs"] = len(subset), m
+    t0 = time.perf_counter()  # once, before python reads the same pairs
+    for idx in subset:
+        ds.collate(idx, layout="padded", max_length=MAX_LENGTH)
+    out["rust_subset"] = (time.perf_counter() - t0) / m
     t0 = time.perf_counter()
     for idx in subset:
         python_collate(cols, idx, MAX_LENGTH)
     out["python"] = (time.perf_counter() - t0) / m
-
-    def rust_subset() -> None:
-        for idx in subset:
-            ds.collate(idx, layout="padded", max_length=MAX_LENGTH)
-
-    out["rust_subset"] = timed(rust_subset, repeats) / m
     return out
 
 
@@ -362,6 +404,8 @@ def side_by_side(title: str, cols: list[str], rows: list[tuple[str, list[str]]])
 def report(res: dict[str, dict[str, Any]], n: int) -> None:
     rows = []
     for step, label in STEPS.items():
+        if step not in res[next(iter(PROFILES))]["store"]:
+            continue
         cells = []
         for name in PROFILES:
             s = res[name]["store"][step]
@@ -374,35 +418,43 @@ def report(res: dict[str, dict[str, Any]], n: int) -> None:
     bases = ", ".join(f"{p} {mib(res[p]['store']['load']['base'])}" for p in PROFILES)
     print(f"base = RSS after python + imports ({bases}); start = RSS when the step began.")
 
-    cells = []
-    for name in PROFILES:
-        st = res[name]["store"]
-        it = st["iterate"]
-        cells += [f"{st['file_bytes'] / 2**20:,.0f} MiB", f"{it['batches']:,}", secs(it["time"])]
-        cells += [f"{n / it['time']:,.0f}", mib(it["anon_max"] - it["base_anon"])]
-        cells.append(mib(it["file_end"] - res[name]["store"]["load"]["file_end"]))
-    cols = ["file", "batches", "time", "pairs/s", "anon growth", "file growth"]
-    side_by_side("Padded epoch read from the memory-mapped store", cols, [("", cells)])
-    for name in PROFILES:
-        st = res[name]["store"]
-        it = st["iterate"]
-        grown = (it["file_end"] - st["load"]["file_end"]) * 1024 / st["file_bytes"]
-        print(
-            f"{name}: anonymous memory grew {mib(it['anon_max'] - it['base_anon'])} during the "
-            f"epoch; file-backed resident pages grew by {grown:.0%} of the "
-            f"{st['file_bytes'] / 2**20:,.0f} MiB file (mapped pages count as resident; they are "
-            "clean page cache the kernel can drop under memory pressure)."
-        )
+    rows = []
+    for step in ("iterate", "unbounded"):
+        if step not in res[next(iter(PROFILES))]["store"]:
+            continue
+        cells = []
+        for name in PROFILES:
+            st = res[name]["store"]
+            it = st[step]
+            cells += [secs(it["time"]), f"{n / it['time']:,.0f}", f"{it['drops']:,}"]
+            cells += [mib(it["anon_max"] - it["base_anon"]), mib(it["peak"] - it["before"])]
+            cells.append(mib(it["file_end"] - st["load"]["file_end"]))
+        rows.append((STEPS[step], cells))
+    cols = ["time", "pairs/s", "drops", "anon grew", "peak-start", "file grew"]
+    files = ", ".join(f"{p} {res[p]['store']['file_bytes'] / 2**20:,.0f} MiB" for p in PROFILES)
+    side_by_side(
+        f"Padded epoch read from the memory-mapped store ({res[name]['collate']['batches']:,} "
+        f"batches; file: {files})",
+        cols,
+        rows,
+    )
+    print(
+        "Mapped pages count as resident once read (clean page cache). Dropping them past the "
+        "budget keeps RSS bounded; drops: how often the store dropped them; growth is measured "
+        "from the RSS right after load."
+    )
 
     entries = [
         ("rust plan (batches) only", "plan", False),
         ("rust plan + collate padded", "padded", False),
+        ("  of which the Rust call (_store.collate)", "kernel", False),
         ("rust plan + collate packed", "packed", False),
         ("rust plan + collate prefix_shared", "prefix_shared", False),
         (f"rust plan + collate packed, rows {PACK_LENGTH}", "packed4096", False),
         ("numpy vectorised padded (1 run)", "numpy", False),
+        ("  + plan, sequence ids, lengths (1 run)", "numpy_full", False),
         ("python TRL-style padded (1 run)", "python", True),
-        ("rust collate padded, same batches", "rust_subset", True),
+        ("rust collate padded, same batches (1 run)", "rust_subset", True),
     ]
     rows = []
     for label, key, subset in entries:
@@ -423,7 +475,7 @@ def report(res: dict[str, dict[str, Any]], n: int) -> None:
         "python: per example Python lists, one torch.tensor per sequence, pad_sequence, reading "
         "each row as Python lists as a datasets row would; timed on a random subset of the same "
         "batches and extrapolated per pair. rust collates with rayon on 2 threads, numpy is "
-        "single-threaded. rust times include planning the epoch."
+        "single-threaded. rust times include planning the epoch, except the Rust call alone."
     )
     for name in PROFILES:
         c = res[name]["collate"]
@@ -461,6 +513,7 @@ def main() -> None:
     n, repeats, py_pairs = args.pairs, args.repeats, args.python_pairs
     if args.quick:
         n, repeats, py_pairs = 50_000, 1, 2_000
+    steps = [s for s in STEPS if not (args.quick and s in ("verify_cold", "unbounded"))]
     load = os.getloadavg()
     print(
         f"rlox {rlox.__version__} | torch {torch.__version__} (2 threads) | numpy {np.__version__}"
@@ -471,6 +524,8 @@ def main() -> None:
         f"{n:,} pairs per profile; {BATCH} pairs/batch, max_length {MAX_LENGTH}; "
         f"medians of {repeats} run(s); store written under {tempfile.gettempdir()}"
     )
+    if args.quick:
+        print("--quick: skips the cold verify and the unbounded epoch")
     res: dict[str, dict[str, Any]] = {}
     for seed, (name, (pm, rm)) in enumerate(PROFILES.items()):
         t0 = time.perf_counter()
@@ -482,7 +537,7 @@ def main() -> None:
             f"({tokens / n:.0f}/pair), generated with numpy in {secs(gen)}"
         )
         with tempfile.TemporaryDirectory(prefix="rlox-bench-") as tmp:
-            store = store_steps(cols, Path(tmp), repeats)
+            store = store_steps(cols, Path(tmp), repeats, steps)
         ds = from_columns(cols)
         res[name] = {"store": store, "pad": padding(ds)}
         res[name]["collate"] = collation(ds, cols, py_pairs, repeats)
