@@ -65,6 +65,9 @@ impl Truncation {
     }
 }
 
+/// Batches of at least this many cells are filled by the thread pool.
+pub const PARALLEL_CELLS: usize = 1 << 20;
+
 /// Largest batch, in cells (`rows * length`), that collation builds.
 pub const MAX_CELLS: usize = 1 << 32;
 
@@ -291,6 +294,8 @@ pub struct Collated {
     pub plan_side: Vec<i64>,
 }
 
+type Cells<'b, T> = &'b mut [MaybeUninit<T>];
+
 fn put<T: Copy>(dst: &mut [MaybeUninit<T>], v: T) {
     for d in dst {
         d.write(v);
@@ -446,66 +451,103 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             split_lens(&mut ps.spare_capacity_mut()[..total], &plan_lens),
         );
         let pad = o.pad_token_id;
-        ids_v.spare_capacity_mut()[..cells]
-            .par_chunks_mut(width)
-            .zip(att_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
-            .zip(pos_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
-            .zip(lm_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
-            .zip(sid_v.spare_capacity_mut()[..cells].par_chunks_mut(width))
-            .zip(plan.0.into_par_iter())
-            .zip(plan.1.into_par_iter())
-            .zip(plan.2.into_par_iter())
-            .zip(plan.3.into_par_iter())
-            .zip(plan.4.into_par_iter())
-            .enumerate()
-            .for_each(
-                |(
-                    row,
-                    (((((((((ids, att), pos), lm), sid), p_row), p_pos), p_tgt), p_pair), p_side),
-                )| {
-                    let mut k = 0;
-                    let mut fill = 0;
-                    for pc in &row_pieces[row] {
-                        let (np, nc) = (pc.prompt.len(), pc.completion.len());
-                        let first = pc.start;
-                        let (comp_at, pos0) = match pc.shared_prompt_end {
-                            None => {
-                                pc.prompt.write_to(&mut ids[first..first + np]);
-                                put(&mut lm[first..first + np], false);
-                                (first + np, 0)
-                            }
-                            Some(_) => (first, np),
-                        };
-                        let end = comp_at + nc;
-                        fill = fill.max(end);
-                        pc.completion.write_to(&mut ids[comp_at..end]);
-                        put(&mut lm[comp_at..end], true);
-                        put(&mut att[first..end], 1);
-                        put(&mut sid[first..end], pc.seq_id);
-                        for (x, p) in pos[first..end].iter_mut().zip(pos0 as i64..) {
-                            x.write(p);
-                        }
-                        for t in 0..nc {
-                            let pred = match (pc.shared_prompt_end, t) {
-                                (Some(pe), 0) => pe - 1,
-                                _ => comp_at + t - 1,
-                            };
-                            p_row[k].write(row as i64);
-                            p_pos[k].write(pred as i64);
-                            p_tgt[k].write(pc.completion.get(t));
-                            p_pair[k].write(pc.pair as i64);
-                            p_side[k].write(pc.side as i64);
-                            k += 1;
-                        }
+        let fill_row = |row: usize,
+                        ids: Cells<'_, i64>,
+                        att: Cells<'_, i64>,
+                        pos: Cells<'_, i64>,
+                        lm: Cells<'_, bool>,
+                        sid: Cells<'_, i32>,
+                        plan_row: [Cells<'_, i64>; 5]| {
+            let [p_row, p_pos, p_tgt, p_pair, p_side] = plan_row;
+            let mut k = 0;
+            let mut fill = 0;
+            for pc in &row_pieces[row] {
+                let (np, nc) = (pc.prompt.len(), pc.completion.len());
+                let first = pc.start;
+                let (comp_at, pos0) = match pc.shared_prompt_end {
+                    None => {
+                        pc.prompt.write_to(&mut ids[first..first + np]);
+                        put(&mut lm[first..first + np], false);
+                        (first + np, 0)
                     }
-                    debug_assert_eq!(k, p_row.len());
-                    put(&mut ids[fill..], pad);
-                    put(&mut att[fill..], 0);
-                    put(&mut pos[fill..], 0);
-                    put(&mut lm[fill..], false);
-                    put(&mut sid[fill..], -1);
-                },
-            );
+                    Some(_) => (first, np),
+                };
+                let end = comp_at + nc;
+                fill = fill.max(end);
+                pc.completion.write_to(&mut ids[comp_at..end]);
+                put(&mut lm[comp_at..end], true);
+                put(&mut att[first..end], 1);
+                put(&mut sid[first..end], pc.seq_id);
+                for (j, x) in pos[first..end].iter_mut().enumerate() {
+                    x.write((pos0 + j) as i64);
+                }
+                for t in 0..nc {
+                    let pred = match (pc.shared_prompt_end, t) {
+                        (Some(pe), 0) => pe - 1,
+                        _ => comp_at + t - 1,
+                    };
+                    p_row[k].write(row as i64);
+                    p_pos[k].write(pred as i64);
+                    p_tgt[k].write(pc.completion.get(t));
+                    p_pair[k].write(pc.pair as i64);
+                    p_side[k].write(pc.side as i64);
+                    k += 1;
+                }
+            }
+            debug_assert_eq!(k, p_row.len());
+            put(&mut ids[fill..], pad);
+            put(&mut att[fill..], 0);
+            put(&mut pos[fill..], 0);
+            put(&mut lm[fill..], false);
+            put(&mut sid[fill..], -1);
+        };
+        let (ids_s, att_s, pos_s) = (
+            &mut ids_v.spare_capacity_mut()[..cells],
+            &mut att_v.spare_capacity_mut()[..cells],
+            &mut pos_v.spare_capacity_mut()[..cells],
+        );
+        let (lm_s, sid_s) = (
+            &mut lm_v.spare_capacity_mut()[..cells],
+            &mut sid_v.spare_capacity_mut()[..cells],
+        );
+        if cells >= PARALLEL_CELLS {
+            ids_s
+                .par_chunks_mut(width)
+                .zip(att_s.par_chunks_mut(width))
+                .zip(pos_s.par_chunks_mut(width))
+                .zip(lm_s.par_chunks_mut(width))
+                .zip(sid_s.par_chunks_mut(width))
+                .zip(plan.0.into_par_iter())
+                .zip(plan.1.into_par_iter())
+                .zip(plan.2.into_par_iter())
+                .zip(plan.3.into_par_iter())
+                .zip(plan.4.into_par_iter())
+                .enumerate()
+                .for_each(
+                    |(row, (((((((((ids, att), pos), lm), sid), a), b), c), d), e))| {
+                        fill_row(row, ids, att, pos, lm, sid, [a, b, c, d, e])
+                    },
+                );
+        } else {
+            // Small batches: waking the thread pool costs more than it saves.
+            ids_s
+                .chunks_mut(width)
+                .zip(att_s.chunks_mut(width))
+                .zip(pos_s.chunks_mut(width))
+                .zip(lm_s.chunks_mut(width))
+                .zip(sid_s.chunks_mut(width))
+                .zip(plan.0)
+                .zip(plan.1)
+                .zip(plan.2)
+                .zip(plan.3)
+                .zip(plan.4)
+                .enumerate()
+                .for_each(
+                    |(row, (((((((((ids, att), pos), lm), sid), a), b), c), d), e))| {
+                        fill_row(row, ids, att, pos, lm, sid, [a, b, c, d, e])
+                    },
+                );
+        }
     }
     // SAFETY: the loop above initialised all `cells` elements of each matrix (rows are disjoint
     // chunks, each written over `0..length`) and all `total` plan entries (one per token).

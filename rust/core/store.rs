@@ -56,16 +56,10 @@ impl<'a> Ints<'a> {
 
     /// The smallest and largest value, or `None` when empty.
     pub fn min_max(&self) -> Option<(i64, i64)> {
-        fn mm<T: Copy + Ord + Into<i64>>(v: &[T]) -> Option<(i64, i64)> {
-            let first = *v.first()?;
-            let (lo, hi) = v
-                .iter()
-                .fold((first, first), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-            Some((lo.into(), hi.into()))
-        }
+        // Separate min and max reductions vectorise; a fused fold over a tuple does not.
         match self {
-            Ints::I32(v) => mm(v),
-            Ints::I64(v) => mm(v),
+            Ints::I32(v) => Some((i64::from(*v.iter().min()?), i64::from(*v.iter().max()?))),
+            Ints::I64(v) => Some((*v.iter().min()?, *v.iter().max()?)),
         }
     }
 }
@@ -257,20 +251,21 @@ impl<'a> PairColumns<'a> {
     /// The checked pairs at `indices` (in parallel); the error names the first bad one.
     pub fn pairs(&self, indices: &[i64], vocab_size: Option<i64>) -> Result<Vec<PairRef<'a>>> {
         let n = self.len();
-        let got: Vec<Result<PairRef<'a>>> = indices
-            .par_iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                if i < 0 || i as u64 >= n as u64 {
-                    return Err(RloxError::at(
-                        "indices",
-                        k,
-                        format!("pair index {i} is out of range for {n} pairs"),
-                    ));
-                }
-                self.pair(i as usize, vocab_size)
-            })
-            .collect();
+        let get = |(k, &i): (usize, &i64)| {
+            if i < 0 || i as u64 >= n as u64 {
+                return Err(RloxError::at(
+                    "indices",
+                    k,
+                    format!("pair index {i} is out of range for {n} pairs"),
+                ));
+            }
+            self.pair(i as usize, vocab_size)
+        };
+        let got: Vec<Result<PairRef<'a>>> = if indices.len() >= 4096 {
+            indices.par_iter().enumerate().map(get).collect()
+        } else {
+            indices.iter().enumerate().map(get).collect()
+        };
         got.into_iter().collect()
     }
 
