@@ -110,7 +110,7 @@ def child(step: str, workdir: str) -> None:
     elif step == "verify_cold":
         evict(store_dir / "tokens.bin")
     elif step == "iterate":
-        args = PreferenceDataset.load(store_dir)  # default budget of resident mapped pages
+        args = PreferenceDataset.load(store_dir, max_resident=1 << 30)
     elif step == "unbounded":
         args = PreferenceDataset.load(store_dir, max_resident=None)
     drops = [0]

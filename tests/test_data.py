@@ -551,6 +551,7 @@ def test_resident_pages_are_released_past_the_budget(tmp_path, dataset, monkeypa
         calls.clear()
         resident[0] = 100 << 20
         mapped = PreferenceDataset.load(path, max_resident=budget)
+        calls.clear()
         resident[0] += 10 << 20  # pages mapped while collating
         for idx in mapped.batches(batch_size=2):
             mapped.collate(idx)

@@ -446,16 +446,19 @@ class PreferenceDataset:
         *,
         mmap: bool = True,
         verify: bool | None = None,
-        max_resident: int | None = 1 << 30,
+        max_resident: int | None = None,
     ) -> PreferenceDataset:
         """Open a store written by :meth:`save`.
 
         ``mmap=True`` maps the token file read-only: opening is O(1) and pages are read on use.
         ``verify`` checks every section's CRC-32 (default: only when ``mmap=False``). A missing,
-        truncated or corrupted store raises ``ValueError`` naming ``path``. While collating, the
-        mapped pages this process holds are dropped whenever they exceed ``max_resident`` bytes
-        (Linux; ``None``: never), so iterating a store larger than memory keeps resident memory
-        bounded.
+        truncated or corrupted store raises ``ValueError`` naming ``path``.
+
+        Mapped pages are clean page cache: they count as resident once read, and the OS reclaims
+        them under pressure. With ``max_resident`` (bytes; Linux), :meth:`collate` drops them
+        whenever the process's file-backed resident memory has grown by more than that since
+        loading. This caps resident memory at the price of re-mapping pages (a store much larger
+        than the budget collates up to about 2x slower).
         """
         path = Path(path)
         meta_file = path / META_FILE
@@ -514,6 +517,8 @@ class PreferenceDataset:
         if mmap:
             dataset._mapping = getattr(raw, "_mmap", None)
             dataset._max_resident = max_resident
+            if max_resident is not None:
+                dataset.release_pages()  # pages read by verify do not count against the budget
             dataset._base_resident = _resident_file_bytes() or 0
         return dataset
 
@@ -660,7 +665,7 @@ class PreferenceDataset:
             pack_length=pack_length,
             vocab_size=vocab_size,
         )
-        if self._mapping is not None:
+        if self._max_resident is not None:
             self._calls += 1
             if self._calls % 8 == 0:
                 self._bound_resident()
