@@ -15,7 +15,8 @@ STUB = ast.parse((Path(_rlox.__file__).parent / "_rlox.pyi").read_text())
 
 def _params(node: ast.FunctionDef) -> list[str]:
     a = node.args
-    return [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"]
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self"]
+    return names + [x.arg for x in (a.vararg, a.kwarg) if x is not None]
 
 
 def _stub_items() -> dict[str, ast.AST]:

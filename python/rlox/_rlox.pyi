@@ -83,53 +83,27 @@ class PairStore:
         self,
         indices: npt.NDArray[np.integer],
         *,
-        layout: str,
-        max_length: int | None,
-        max_prompt_length: int | None,
-        truncation: str,
-        pad_token_id: int | None,
-        pad_to_multiple_of: int | None,
-        pack_length: int | None,
         vocab_size: int | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
         """Arrays of a collated batch: input_ids, attention_mask, position_ids, loss_mask,
         sequence_ids (R, L); cu_seqlens (S + 1,); segment_ends (B, 3); pair_index, skipped,
         prompt/chosen/rejected_lengths (B,); plan_row, plan_position, plan_target, plan_pair,
-        plan_side (N,); num_truncated (int)."""
-    def plan(
-        self,
-        *,
-        batch_size: int | None,
-        max_tokens: int | None,
-        shuffle: bool,
-        seed: int,
-        epoch: int,
-        group_by_length: bool,
-        drop_last: bool,
-        rank: int,
-        world_size: int,
-        group_batches: int,
-        layout: str,
-        max_length: int | None,
-        max_prompt_length: int | None,
-        truncation: str,
-        pad_to_multiple_of: int | None,
-        pack_length: int | None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """(indices, offsets) of one rank's batches for one epoch."""
+        plan_side (N,); num_truncated (int).
+
+        Options: layout, max_length, max_prompt_length, truncation, pad_token_id,
+        pad_to_multiple_of, pack_length; any other key is a TypeError."""
+    def plan(self, **options: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """(indices, offsets) of one rank's batches for one epoch. Options: batch_size,
+        max_tokens, shuffle, seed, epoch, group_by_length, drop_last, rank, world_size,
+        group_batches and the collation options that size a batch."""
     def layout_tokens(
         self,
         indices: npt.NDArray[np.integer],
         offsets: npt.NDArray[np.integer],
-        *,
-        layout: str,
-        max_length: int | None,
-        max_prompt_length: int | None,
-        truncation: str,
-        pad_to_multiple_of: int | None,
-        pack_length: int | None,
+        **options: Any,
     ) -> tuple[int, int]:
-        """(real tokens, total slots) of collating the given batches."""
+        """(real tokens, total slots) of collating the given batches (collation options)."""
     def save(self, path: str) -> list[dict[str, Any]]:
         """Write the token file; returns its sections (name, dtype, offset, count, crc32)."""
 

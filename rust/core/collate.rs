@@ -364,16 +364,17 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             }
         }
     }
-    let (rows, length, _) = batch_shape(&cuts, o);
-
-    let mut row_pieces: Vec<Vec<Piece<'_>>> = vec![Vec::new(); rows];
+    let mut row_pieces: Vec<Vec<Piece<'_>>>;
     match o.layout {
         Layout::Padded | Layout::Packed => {
-            let lens = sequence_lengths(&cuts);
-            let place = match o.layout {
-                Layout::Padded => (0..2 * b).map(|s| (s, 0)).collect(),
-                _ => pack(&lens, o.pack_length).0,
+            let (place, rows) = match o.layout {
+                Layout::Padded => ((0..2 * b).map(|s| (s, 0)).collect(), 2 * b),
+                _ => {
+                    let (place, fills) = pack(&sequence_lengths(&cuts), o.pack_length);
+                    (place, fills.len())
+                }
             };
+            row_pieces = vec![Vec::new(); rows];
             for (s, &(row, start)) in place.iter().enumerate() {
                 let (pair, side) = (s % b, s / b);
                 let (pr, ch, rj) = slices(&kept[pair]);
@@ -389,6 +390,7 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             }
         }
         Layout::PrefixShared => {
+            row_pieces = vec![Vec::new(); b];
             for (pair, k) in kept.iter().enumerate() {
                 let (pr, ch, rj) = slices(k);
                 let base = Piece {
@@ -411,6 +413,21 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             }
         }
     }
+    let rows = row_pieces.len();
+    let fill = |p: &Piece<'_>| {
+        let prompt = if p.shared_prompt_end.is_some() {
+            0
+        } else {
+            p.prompt.len()
+        };
+        p.start + prompt + p.completion.len()
+    };
+    let longest = row_pieces
+        .iter()
+        .flat_map(|ps| ps.iter().map(fill))
+        .max()
+        .unwrap_or(0);
+    let length = o.round(longest);
     // Plan entries in row order, sequences in row order, tokens in order.
     let plan_lens: Vec<usize> = row_pieces
         .iter()

@@ -99,28 +99,90 @@ fn str_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
     })
 }
 
-/// Collation options from Python keyword values.
-#[allow(clippy::too_many_arguments)]
-fn collate_options(
-    layout: &Bound<'_, PyAny>,
-    max_length: Option<&Bound<'_, PyAny>>,
-    max_prompt_length: Option<&Bound<'_, PyAny>>,
-    truncation: &Bound<'_, PyAny>,
-    pad_token_id: Option<&Bound<'_, PyAny>>,
-    pad_to_multiple_of: Option<&Bound<'_, PyAny>>,
-    pack_length: Option<&Bound<'_, PyAny>>,
-) -> PyResult<CollateOptions> {
-    let o = CollateOptions {
-        layout: Layout::parse(&str_arg("layout", layout)?).map_err(to_py)?,
-        max_length: count_arg("max_length", max_length)?,
-        max_prompt_length: count_arg("max_prompt_length", max_prompt_length)?,
-        truncation: Truncation::parse(&str_arg("truncation", truncation)?).map_err(to_py)?,
-        pad_token_id: int_arg("pad_token_id", pad_token_id)?.unwrap_or(0),
-        pad_to_multiple_of: count_arg("pad_to_multiple_of", pad_to_multiple_of)?,
-        pack_length: count_arg("pack_length", pack_length)?,
-    };
-    o.validate().map_err(to_py)?;
-    Ok(o)
+const COLLATE_KEYS: [&str; 7] = [
+    "layout",
+    "max_length",
+    "max_prompt_length",
+    "truncation",
+    "pad_token_id",
+    "pad_to_multiple_of",
+    "pack_length",
+];
+const PLAN_KEYS: [&str; 10] = [
+    "batch_size",
+    "max_tokens",
+    "shuffle",
+    "seed",
+    "epoch",
+    "group_by_length",
+    "drop_last",
+    "rank",
+    "world_size",
+    "group_batches",
+];
+
+/// The keyword options of one call, read by name; a key outside `allowed` is a `TypeError`.
+struct Options<'a, 'py>(Option<&'a Bound<'py, PyDict>>);
+
+impl<'a, 'py> Options<'a, 'py> {
+    fn new(dict: Option<&'a Bound<'py, PyDict>>, allowed: &[&str]) -> PyResult<Self> {
+        if let Some(d) = dict {
+            for key in d.keys() {
+                let key: String = key.extract()?;
+                if !allowed.contains(&key.as_str()) {
+                    return Err(to_py(RloxError::type_error(&key, "unexpected option")));
+                }
+            }
+        }
+        Ok(Self(dict))
+    }
+
+    fn get(&self, key: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Ok(match self.0 {
+            Some(d) => d.get_item(key)?.filter(|v| !v.is_none()),
+            None => None,
+        })
+    }
+
+    fn count(&self, key: &str) -> PyResult<Option<usize>> {
+        count_arg(key, self.get(key)?.as_ref())
+    }
+
+    fn flag(&self, key: &str, default: bool) -> PyResult<bool> {
+        match self.get(key)? {
+            None => Ok(default),
+            Some(v) => v
+                .extract::<bool>()
+                .map_err(|_| to_py(RloxError::type_error(key, "expected a bool"))),
+        }
+    }
+
+    fn text(&self, key: &str, default: &str) -> PyResult<String> {
+        // `None` is not a valid layout or truncation mode, so it is not read as "unset".
+        let value = match self.0 {
+            Some(d) => d.get_item(key)?,
+            None => None,
+        };
+        match value {
+            None => Ok(default.to_owned()),
+            Some(v) => str_arg(key, &v),
+        }
+    }
+
+    /// Collation options (layout "padded", truncation "keep_end", everything else unset).
+    fn collate(&self) -> PyResult<CollateOptions> {
+        let o = CollateOptions {
+            layout: Layout::parse(&self.text("layout", "padded")?).map_err(to_py)?,
+            max_length: self.count("max_length")?,
+            max_prompt_length: self.count("max_prompt_length")?,
+            truncation: Truncation::parse(&self.text("truncation", "keep_end")?).map_err(to_py)?,
+            pad_token_id: int_arg("pad_token_id", self.get("pad_token_id")?.as_ref())?.unwrap_or(0),
+            pad_to_multiple_of: self.count("pad_to_multiple_of")?,
+            pack_length: self.count("pack_length")?,
+        };
+        o.validate().map_err(to_py)?;
+        Ok(o)
+    }
 }
 
 fn vec_i64<'py>(py: Python<'py>, v: Vec<i64>) -> Bound<'py, PyArray1<i64>> {
@@ -294,31 +356,17 @@ impl PairStore {
     }
 
     /// Collate the pairs at `indices` (see `PreferenceDataset.collate`); a dict of arrays.
-    #[pyo3(signature = (indices, *, layout, max_length, max_prompt_length, truncation,
-                        pad_token_id, pad_to_multiple_of, pack_length, vocab_size=None))]
-    #[allow(clippy::too_many_arguments)]
+    /// Options: layout, max_length, max_prompt_length, truncation, pad_token_id,
+    /// pad_to_multiple_of, pack_length.
+    #[pyo3(signature = (indices, *, vocab_size=None, **options))]
     fn collate<'py>(
         &self,
         py: Python<'py>,
         indices: &Bound<'py, PyAny>,
-        layout: &Bound<'py, PyAny>,
-        max_length: Option<&Bound<'py, PyAny>>,
-        max_prompt_length: Option<&Bound<'py, PyAny>>,
-        truncation: &Bound<'py, PyAny>,
-        pad_token_id: Option<&Bound<'py, PyAny>>,
-        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
-        pack_length: Option<&Bound<'py, PyAny>>,
         vocab_size: Option<&Bound<'py, PyAny>>,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let o = collate_options(
-            layout,
-            max_length,
-            max_prompt_length,
-            truncation,
-            pad_token_id,
-            pad_to_multiple_of,
-            pack_length,
-        )?;
+        let o = Options::new(options, &COLLATE_KEYS)?.collate()?;
         let vocab = int_arg("vocab_size", vocab_size)?;
         let idx = index_array(indices)?;
         let idx = idx.as_slice()?;
@@ -334,52 +382,29 @@ impl PairStore {
     }
 
     /// One rank's batches for one epoch: `(indices, offsets)`, batch k is
-    /// `indices[offsets[k]:offsets[k + 1]]`.
-    #[pyo3(signature = (*, batch_size, max_tokens, shuffle, seed, epoch, group_by_length,
-                        drop_last, rank, world_size, group_batches, layout, max_length,
-                        max_prompt_length, truncation, pad_to_multiple_of, pack_length))]
-    #[allow(clippy::too_many_arguments)]
+    /// `indices[offsets[k]:offsets[k + 1]]`. Options: those of `batches`, plus the collation
+    /// options that size a batch (layout, max_length, max_prompt_length, truncation,
+    /// pad_to_multiple_of, pack_length).
+    #[pyo3(signature = (**options))]
     fn plan<'py>(
         &self,
         py: Python<'py>,
-        batch_size: Option<&Bound<'py, PyAny>>,
-        max_tokens: Option<&Bound<'py, PyAny>>,
-        shuffle: bool,
-        seed: Option<&Bound<'py, PyAny>>,
-        epoch: Option<&Bound<'py, PyAny>>,
-        group_by_length: bool,
-        drop_last: bool,
-        rank: Option<&Bound<'py, PyAny>>,
-        world_size: Option<&Bound<'py, PyAny>>,
-        group_batches: Option<&Bound<'py, PyAny>>,
-        layout: &Bound<'py, PyAny>,
-        max_length: Option<&Bound<'py, PyAny>>,
-        max_prompt_length: Option<&Bound<'py, PyAny>>,
-        truncation: &Bound<'py, PyAny>,
-        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
-        pack_length: Option<&Bound<'py, PyAny>>,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<(Array<'py>, Array<'py>)> {
-        let collate = collate_options(
-            layout,
-            max_length,
-            max_prompt_length,
-            truncation,
-            None,
-            pad_to_multiple_of,
-            pack_length,
-        )?;
+        let keys: Vec<&str> = PLAN_KEYS.iter().chain(&COLLATE_KEYS).copied().collect();
+        let opts = Options::new(options, &keys)?;
         let o = PlanOptions {
-            batch_size: count_arg("batch_size", batch_size)?,
-            max_tokens: count_arg("max_tokens", max_tokens)?,
-            shuffle,
-            seed: count_arg("seed", seed)?.unwrap_or(0) as u64,
-            epoch: count_arg("epoch", epoch)?.unwrap_or(0) as u64,
-            group_by_length,
-            drop_last,
-            rank: count_arg("rank", rank)?.unwrap_or(0),
-            world_size: count_arg("world_size", world_size)?.unwrap_or(1),
-            group_batches: count_arg("group_batches", group_batches)?.unwrap_or(64),
-            collate,
+            batch_size: opts.count("batch_size")?,
+            max_tokens: opts.count("max_tokens")?,
+            shuffle: opts.flag("shuffle", true)?,
+            seed: opts.count("seed")?.unwrap_or(0) as u64,
+            epoch: opts.count("epoch")?.unwrap_or(0) as u64,
+            group_by_length: opts.flag("group_by_length", true)?,
+            drop_last: opts.flag("drop_last", false)?,
+            rank: opts.count("rank")?.unwrap_or(0),
+            world_size: opts.count("world_size")?.unwrap_or(1),
+            group_batches: opts.count("group_batches")?.unwrap_or(64),
+            collate: opts.collate()?,
         };
         let g = self.guards(py);
         let cols = columns(&g).map_err(to_py)?;
@@ -392,31 +417,17 @@ impl PairStore {
         Ok((vec_i64(py, p.indices), vec_i64(py, p.offsets)))
     }
 
-    /// `(real_tokens, total_slots)` of collating the batches `(indices, offsets)` in a layout.
-    #[pyo3(signature = (indices, offsets, *, layout, max_length, max_prompt_length, truncation,
-                        pad_to_multiple_of, pack_length))]
-    #[allow(clippy::too_many_arguments)]
+    /// `(real_tokens, total_slots)` of collating the batches `(indices, offsets)`; options as
+    /// for `collate`.
+    #[pyo3(signature = (indices, offsets, **options))]
     fn layout_tokens<'py>(
         &self,
         py: Python<'py>,
         indices: &Bound<'py, PyAny>,
         offsets: &Bound<'py, PyAny>,
-        layout: &Bound<'py, PyAny>,
-        max_length: Option<&Bound<'py, PyAny>>,
-        max_prompt_length: Option<&Bound<'py, PyAny>>,
-        truncation: &Bound<'py, PyAny>,
-        pad_to_multiple_of: Option<&Bound<'py, PyAny>>,
-        pack_length: Option<&Bound<'py, PyAny>>,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<(u64, u64)> {
-        let o = collate_options(
-            layout,
-            max_length,
-            max_prompt_length,
-            truncation,
-            None,
-            pad_to_multiple_of,
-            pack_length,
-        )?;
+        let o = Options::new(options, &COLLATE_KEYS)?.collate()?;
         let idx = index_array(indices)?;
         let off = int64_array("offsets", offsets, 1)?
             .cast_into::<PyArray1<i64>>()?
