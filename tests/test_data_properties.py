@@ -747,6 +747,25 @@ def fuzz_row(draw: Any) -> tuple[Any, str, list[int] | None]:
     return obj, "ints", ids
 
 
+def check_built(ds: Any, err: Any, cols: list[list[list[int]]], vocab: int | None) -> None:
+    """A constructor given these columns either refused them as it must or round-trips them."""
+    if len({len(c) for c in cols}) > 1:
+        assert isinstance(err, ValueError), err
+        return
+    where = pair_error(cols, vocab)
+    if where is not None:
+        assert isinstance(err, ValueError), err
+        assert_names(err, where)
+        return
+    assert err is None, err
+    assert len(ds) == len(cols[0])
+    for i in range(len(ds)):
+        got = ds[i]
+        for c, name in enumerate(COLUMNS):
+            assert got[name].dtype in (np.int32, np.int64)
+            assert got[name].tolist() == cols[c][i]
+
+
 def pair_error(cols: list[list[list[int]]], vocab: int | None) -> str | None:
     """``"field[i]"`` of the first bad pair (empty run, id < 0 or >= vocab), or None."""
     for i in range(len(cols[0])):
@@ -785,21 +804,7 @@ def test_fuzz_from_lists(data: Any, n: int, vocab: int | None) -> None:
         assert isinstance(err, (TypeError, ValueError) if k == "type" else ValueError), err
         assert_names(err, f"{COLUMNS[c]}[{i}]")
         return
-    if len({len(c) for c in cols}) > 1:
-        assert isinstance(err, ValueError), err
-        return
-    where = pair_error(ids, vocab)
-    if where is not None:
-        assert isinstance(err, ValueError), err
-        assert_names(err, where)
-        return
-    assert err is None, err
-    assert len(ds) == len(cols[0])
-    for i in range(len(ds)):
-        got = ds[i]
-        for c, name in enumerate(COLUMNS):
-            assert got[name].dtype in (np.int32, np.int64)
-            assert got[name].tolist() == ids[c][i]
+    check_built(ds, err, ids, vocab)
 
 
 @pytest.mark.parametrize("row", [[[1, 2], [3]], [[], [1]], [1, [2, 3]]])
@@ -1102,19 +1107,7 @@ def test_fuzz_from_arrow(data: Any, n: int, vocab: int | None) -> None:
             assert isinstance(err, ValueError), err
             assert name in str(err), err
             return
-    lists = [rows_of[k] for k in names]
-    if len({len(x) for x in lists}) > 1:
-        assert isinstance(err, ValueError), err
-        return
-    where = pair_error(lists, vocab)
-    if where is not None:
-        assert isinstance(err, ValueError), err
-        assert_names(err, where)
-        return
-    assert err is None, err
-    assert len(ds) == len(lists[0])
-    for i in range(len(ds)):
-        assert [ds[i][c].tolist() for c in COLUMNS] == [x[i] for x in lists]
+    check_built(ds, err, [rows_of[k] for k in names], vocab)
 
 
 def test_from_arrow_sliced_table_ignores_rows_outside_the_slice() -> None:
