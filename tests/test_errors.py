@@ -73,6 +73,10 @@ def test_kernel_not_an_array(k, kind):
         "scalar": 1.0,
         "none": None,
     }[kind]
+    if kind == "none" and k >= 2:  # reference log-probs are optional, but sigmoid needs them
+        with pytest.raises(ValueError, match=rf"^{NAMES[k]}: is missing; loss_type .sigmoid."):
+            rlox.dpo_loss(*a)
+        return
     with pytest.raises(TypeError, match=rf"{NAMES[k]}.*numpy.ndarray"):
         rlox.dpo_loss(*a)
 
@@ -141,7 +145,7 @@ def test_kernel_unknown_loss_type(loss_type):
         rlox.dpo_loss(*arrays(), loss_type=loss_type)
 
 
-@pytest.mark.parametrize("loss_type", [None, 1, b"ipo"])
+@pytest.mark.parametrize("loss_type", [1, b"ipo", ["sigmoid", 2]])
 def test_kernel_loss_type_wrong_type(loss_type):
     with pytest.raises(TypeError, match="loss_type"):
         rlox.dpo_loss(*arrays(), loss_type=loss_type)
@@ -308,9 +312,16 @@ def test_torch_loss_bad_label_smoothing(backend, eps):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_type", ["dpo", None, 3, "IPO"])
+@pytest.mark.parametrize("loss_type", ["dpo", "IPO", ["sigmoid", "dpo"]])
 def test_torch_loss_unknown_loss_type(backend, loss_type):
     with pytest.raises(ValueError, match=r"^loss_type: unknown loss type"):
+        torch_dpo_loss(*tensors(), loss_type=loss_type, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", [None, 3, ["sigmoid", 3]])
+def test_torch_loss_loss_type_wrong_type(backend, loss_type):
+    with pytest.raises(TypeError, match=r"^loss_type: expected a str or a list of str"):
         torch_dpo_loss(*tensors(), loss_type=loss_type, backend=backend)
 
 
@@ -559,6 +570,8 @@ def test_dpo_bad_models():
     with pytest.raises(TypeError, match=r"^model: expected a torch.nn.Module"):
         rlox.DPO(lambda x: x, ref)
     with pytest.raises(TypeError, match=r"^ref_model: expected a torch.nn.Module"):
+        rlox.DPO(policy, "ref")
+    with pytest.raises(ValueError, match=r"^ref_model: loss_type 'sigmoid' compares the policy"):
         rlox.DPO(policy, None)
     with pytest.raises(ValueError, match=r"^ref_model: must be a separate frozen copy"):
         rlox.DPO(policy, policy)

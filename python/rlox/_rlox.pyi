@@ -1,5 +1,6 @@
 """Type stub of the native module ``rlox._rlox`` (Rust, PyO3)."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,10 @@ class DPOLossOutput:
     @property
     def grad_rejected(self) -> npt.NDArray[np.floating]: ...
     @property
+    def grad_chosen_avg(self) -> npt.NDArray[np.floating] | None: ...
+    @property
+    def grad_rejected_avg(self) -> npt.NDArray[np.floating] | None: ...
+    @property
     def chosen_rewards(self) -> npt.NDArray[np.floating]: ...
     @property
     def rejected_rewards(self) -> npt.NDArray[np.floating]: ...
@@ -30,20 +35,52 @@ class DPOLossOutput:
     def chosen_reward(self) -> float: ...
     @property
     def rejected_reward(self) -> float: ...
+    @property
+    def component_losses(self) -> dict[str, float]: ...
+    @property
+    def bco_delta(self) -> float | None: ...
 
 def dpo_loss(
     policy_chosen_logps: npt.NDArray[np.floating],
     policy_rejected_logps: npt.NDArray[np.floating],
-    ref_chosen_logps: npt.NDArray[np.floating],
-    ref_rejected_logps: npt.NDArray[np.floating],
+    ref_chosen_logps: npt.NDArray[np.floating] | None = None,
+    ref_rejected_logps: npt.NDArray[np.floating] | None = None,
     *,
     beta: float = 0.1,
-    loss_type: str = "sigmoid",
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
     label_smoothing: float = 0.0,
     chosen_lengths: npt.NDArray[np.integer] | None = None,
     rejected_lengths: npt.NDArray[np.integer] | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    reference_free: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    orpo_alpha: float = 0.1,
+    rpo_alpha: float | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float | None = None,
 ) -> DPOLossOutput:
-    """Fused loss, gradients, rewards and metrics over four (B,) float32/float64 arrays."""
+    """Fused loss, gradients, rewards and metrics over (B,) float32/float64 log-prob arrays."""
+
+def check_loss_options(
+    *,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    reference_free: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    orpo_alpha: float = 0.1,
+    rpo_alpha: float | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float | None = None,
+) -> dict[str, Any]:
+    """Validate loss options; returns terms, components, needs_lengths, needs_reference."""
 
 def collate_pairs(
     prompt: npt.NDArray[np.integer],

@@ -28,6 +28,16 @@ pub trait Real:
     fn exp_nonpos(x: Self) -> Self;
     /// `log(1 + e)` for `e` in `[0, 1]`, accurate in relative terms also for tiny `e`.
     fn log1p_unit(e: Self) -> Self;
+    /// `exp(x)` for any `x` (the standard library's; overflows to `inf`).
+    fn exp(self) -> Self;
+    /// `exp(x) - 1`, accurate near 0.
+    fn exp_m1(self) -> Self;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
+    /// `log(1 + x)`, accurate near 0.
+    fn ln_1p(self) -> Self;
+    /// A key whose unsigned order is the IEEE total order of the value.
+    fn order_key(self) -> u64;
 }
 
 // ln 2 split so that n * LN2_HI is exact for the exponents used (Cody-Waite reduction).
@@ -56,6 +66,31 @@ impl Real for f64 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         f64::is_finite(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn exp_m1(self) -> Self {
+        f64::exp_m1(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    #[inline(always)]
+    fn ln_1p(self) -> Self {
+        f64::ln_1p(self)
+    }
+    #[inline(always)]
+    fn order_key(self) -> u64 {
+        let b = self.to_bits();
+        if b >> 63 == 1 {
+            !b
+        } else {
+            b | 1 << 63
+        }
     }
 
     #[inline(always)]
@@ -138,6 +173,27 @@ impl Real for f32 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         f32::is_finite(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    #[inline(always)]
+    fn exp_m1(self) -> Self {
+        f32::exp_m1(self)
+    }
+    #[inline(always)]
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn ln_1p(self) -> Self {
+        f32::ln_1p(self)
+    }
+    #[inline(always)]
+    fn order_key(self) -> u64 {
+        let b = self.to_bits();
+        u64::from(if b >> 31 == 1 { !b } else { b | 1 << 31 })
     }
 
     #[inline(always)]

@@ -7,3 +7,4 @@ pub mod fastmath;
 pub mod loss;
 pub mod plan;
 pub mod store;
+pub mod terms;

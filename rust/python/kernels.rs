@@ -14,7 +14,9 @@ use super::errors::to_py;
 use crate::core::collate::{collate_pairs as core_collate, IdMatrix};
 use crate::core::errors::RloxError;
 use crate::core::fastmath::Real;
-use crate::core::loss::{dpo_loss as core_loss, LossConfig, LossInputs, LossOutputs, LossType};
+use crate::core::loss::{
+    dpo_loss as core_loss, FDivergence, LossConfig, LossInputs, LossOptions, LossOutputs, LossType,
+};
 
 /// `obj` as a C-contiguous numpy array with `ndim` dimensions (copied only if not contiguous).
 pub(super) fn ndarray<'py>(
@@ -142,12 +144,16 @@ fn float_array<'py>(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<Floats<'py>
 pub struct DPOLossOutput {
     /// Mean loss over pairs.
     loss: f64,
-    /// `(B,)` per-pair losses.
+    /// `(B,)` per-pair losses (in sorted order for `aot` / `aot_unpaired`).
     losses: Py<PyAny>,
     /// `(B,)` d(mean loss)/d(policy_chosen_logps).
     grad_chosen: Py<PyAny>,
     /// `(B,)` d(mean loss)/d(policy_rejected_logps).
     grad_rejected: Py<PyAny>,
+    /// `(B,)` d(mean loss)/d(policy_chosen_logps / chosen_lengths); None without lengths.
+    grad_chosen_avg: Option<Py<PyAny>>,
+    /// `(B,)` d(mean loss)/d(policy_rejected_logps / rejected_lengths); None without lengths.
+    grad_rejected_avg: Option<Py<PyAny>>,
     /// `(B,)` beta * (policy_chosen_logps - ref_chosen_logps).
     chosen_rewards: Py<PyAny>,
     /// `(B,)` beta * (policy_rejected_logps - ref_rejected_logps).
@@ -160,6 +166,10 @@ pub struct DPOLossOutput {
     chosen_reward: f64,
     /// Mean rejected reward.
     rejected_reward: f64,
+    /// Unweighted mean of each loss component by name (`"rpo"` for the rpo_alpha term).
+    component_losses: Py<PyDict>,
+    /// The reward shift `bco_pair` used; None for other loss types.
+    bco_delta: Option<f64>,
 }
 
 #[pymethods]
@@ -172,25 +182,26 @@ impl DPOLossOutput {
     }
 }
 
+fn as_slice<'a, T: Element>(a: Option<&'a PyReadonlyArray1<'_, T>>) -> Option<&'a [T]> {
+    a.map(|a| a.as_slice().expect("contiguous"))
+}
+
 fn run_loss<'py, T: Real + Element>(
     py: Python<'py>,
-    cfg: LossConfig,
-    arrays: [&PyReadonlyArray1<'py, T>; 4],
+    cfg: &LossConfig,
+    arrays: [Option<&PyReadonlyArray1<'py, T>>; 4],
     lengths: [Option<&PyReadonlyArray1<'py, i64>>; 2],
 ) -> PyResult<DPOLossOutput> {
-    let n = arrays[0].len();
-    let slices: Vec<&[T]> = arrays
-        .iter()
-        .map(|a| a.as_slice().expect("contiguous"))
-        .collect();
-    let lens: Vec<Option<&[i64]>> = lengths
-        .iter()
-        .map(|l| l.map(|a| a.as_slice().expect("contiguous")))
-        .collect();
-    // numpy allocates large arrays with transparent huge pages, which makes first touch cheap.
+    let lens = lengths.map(|l| l.map(|a| a.as_slice().expect("contiguous")));
+    let n = arrays[0].expect("policy").len();
+    let count = if lens[0].is_some() && lens[1].is_some() {
+        7
+    } else {
+        5
+    };
     // Uninitialised numpy arrays (np.empty): numpy's allocator uses huge pages for large
     // arrays and nothing is zeroed; the kernel writes every element before Python sees them.
-    let outs: Vec<Bound<'py, PyArray1<T>>> = (0..5)
+    let outs: Vec<Bound<'py, PyArray1<T>>> = (0..count)
         .map(|_| unsafe { PyArray1::<T>::new(py, n, false) })
         .collect();
     let mut bufs: Vec<&mut [MaybeUninit<T>]> = outs
@@ -198,101 +209,239 @@ fn run_loss<'py, T: Real + Element>(
         // SAFETY: fresh, contiguous, unaliased arrays of n elements that outlive the slices.
         .map(|a| unsafe { std::slice::from_raw_parts_mut(a.data() as *mut MaybeUninit<T>, n) })
         .collect();
-    let [l, gc, gr, rc, rr] = &mut bufs[..] else {
-        unreachable!("five outputs")
+    let mut it = bufs.iter_mut();
+    let mut next = || it.next().map(|b| &mut **b);
+    let outputs = LossOutputs {
+        losses: next().expect("five outputs"),
+        grad_chosen: next().expect("five outputs"),
+        grad_rejected: next().expect("five outputs"),
+        chosen_rewards: next().expect("five outputs"),
+        rejected_rewards: next().expect("five outputs"),
+        grad_chosen_avg: next(),
+        grad_rejected_avg: next(),
     };
     let inputs = LossInputs {
-        policy_chosen: slices[0],
-        policy_rejected: slices[1],
-        ref_chosen: slices[2],
-        ref_rejected: slices[3],
+        policy_chosen: as_slice(arrays[0]).expect("policy"),
+        policy_rejected: as_slice(arrays[1]).expect("policy"),
+        ref_chosen: as_slice(arrays[2]),
+        ref_rejected: as_slice(arrays[3]),
         chosen_lengths: lens[0],
         rejected_lengths: lens[1],
     };
     let summary = py
-        .detach(|| {
-            core_loss(
-                &cfg,
-                &inputs,
-                LossOutputs {
-                    losses: l,
-                    grad_chosen: gc,
-                    grad_rejected: gr,
-                    chosen_rewards: rc,
-                    rejected_rewards: rr,
-                },
-            )
-        })
+        .detach(|| core_loss(cfg, &inputs, outputs))
         .map_err(to_py)?;
     drop(bufs);
+    let components = PyDict::new(py);
+    for (name, v) in cfg.component_names().into_iter().zip(&summary.components) {
+        components.set_item(name, v)?;
+    }
     let mut it = outs.into_iter().map(|a| a.into_any().unbind());
-    let mut next = || it.next().expect("five outputs");
+    let mut next = || it.next();
     Ok(DPOLossOutput {
         loss: summary.loss,
-        losses: next(),
-        grad_chosen: next(),
-        grad_rejected: next(),
-        chosen_rewards: next(),
-        rejected_rewards: next(),
+        losses: next().expect("five outputs"),
+        grad_chosen: next().expect("five outputs"),
+        grad_rejected: next().expect("five outputs"),
+        chosen_rewards: next().expect("five outputs"),
+        rejected_rewards: next().expect("five outputs"),
+        grad_chosen_avg: next(),
+        grad_rejected_avg: next(),
         reward_accuracy: summary.reward_accuracy,
         reward_margin: summary.reward_margin,
         chosen_reward: summary.chosen_reward,
         rejected_reward: summary.rejected_reward,
+        component_losses: components.unbind(),
+        bco_delta: summary.bco_delta,
     })
 }
 
-/// Fused DPO loss, gradients, rewards and metrics over four `(B,)` log-prob arrays.
+fn str_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+    obj.extract::<String>().map_err(|_| {
+        to_py(RloxError::type_error(
+            name,
+            format!(
+                "expected a str, got {}",
+                obj.get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string())
+            ),
+        ))
+    })
+}
+
+fn optional<'a, 'py>(obj: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py, PyAny>> {
+    obj.filter(|o| !o.is_none())
+}
+
+/// Loss options as passed from Python, by keyword.
+struct LossArgs<'a, 'py> {
+    loss_type: Option<&'a Bound<'py, PyAny>>,
+    loss_weights: Option<&'a Bound<'py, PyAny>>,
+    beta: Option<&'a Bound<'py, PyAny>>,
+    label_smoothing: Option<&'a Bound<'py, PyAny>>,
+    f_divergence: Option<&'a Bound<'py, PyAny>>,
+    f_alpha_divergence_coef: Option<&'a Bound<'py, PyAny>>,
+    reference_free: Option<&'a Bound<'py, PyAny>>,
+    simpo_gamma: Option<&'a Bound<'py, PyAny>>,
+    cpo_alpha: Option<&'a Bound<'py, PyAny>>,
+    orpo_alpha: Option<&'a Bound<'py, PyAny>>,
+    rpo_alpha: Option<&'a Bound<'py, PyAny>>,
+    discopop_tau: Option<&'a Bound<'py, PyAny>>,
+    bco_delta: Option<&'a Bound<'py, PyAny>>,
+}
+
+impl LossArgs<'_, '_> {
+    /// Parse and validate into a [`LossConfig`]; every error names its option.
+    fn config(&self) -> PyResult<LossConfig> {
+        let d = LossOptions::default();
+        let types = match optional(self.loss_type) {
+            None => vec![LossType::Sigmoid],
+            Some(o) if o.is_instance_of::<pyo3::types::PyString>() => {
+                vec![LossType::parse(&str_arg("loss_type", o)?).map_err(to_py)?]
+            }
+            Some(o) => {
+                let items = o.try_iter().map_err(|_| {
+                    to_py(RloxError::type_error(
+                        "loss_type",
+                        "expected a str or a list of str",
+                    ))
+                })?;
+                let mut types = Vec::new();
+                for item in items {
+                    types.push(LossType::parse(&str_arg("loss_type", &item?)?).map_err(to_py)?);
+                }
+                types
+            }
+        };
+        let weights = match optional(self.loss_weights) {
+            None => None,
+            Some(o) => {
+                let items = o.try_iter().map_err(|_| {
+                    to_py(RloxError::type_error(
+                        "loss_weights",
+                        "expected a list of numbers",
+                    ))
+                })?;
+                let mut w = Vec::new();
+                for item in items {
+                    w.push(float_arg("loss_weights", Some(&item?), 0.0)?);
+                }
+                Some(w)
+            }
+        };
+        let reference_free = match optional(self.reference_free) {
+            None => false,
+            Some(o) => o
+                .cast::<pyo3::types::PyBool>()
+                .map_err(|_| to_py(RloxError::type_error("reference_free", "expected a bool")))?
+                .is_true(),
+        };
+        let f_divergence = match optional(self.f_divergence) {
+            None => d.f_divergence,
+            Some(o) => FDivergence::parse(&str_arg("f_divergence", o)?).map_err(to_py)?,
+        };
+        let opt_float = |name: &str, o: Option<&Bound<'_, PyAny>>| -> PyResult<Option<f64>> {
+            optional(o)
+                .map(|o| float_arg(name, Some(o), 0.0))
+                .transpose()
+        };
+        let float = |name: &str, o: Option<&Bound<'_, PyAny>>, default: f64| -> PyResult<f64> {
+            float_arg(name, optional(o), default)
+        };
+        let opts = LossOptions {
+            beta: float("beta", self.beta, d.beta)?,
+            label_smoothing: float("label_smoothing", self.label_smoothing, d.label_smoothing)?,
+            f_divergence,
+            f_alpha_divergence_coef: float(
+                "f_alpha_divergence_coef",
+                self.f_alpha_divergence_coef,
+                d.f_alpha_divergence_coef,
+            )?,
+            reference_free,
+            simpo_gamma: float("simpo_gamma", self.simpo_gamma, d.simpo_gamma)?,
+            cpo_alpha: float("cpo_alpha", self.cpo_alpha, d.cpo_alpha)?,
+            orpo_alpha: float("orpo_alpha", self.orpo_alpha, d.orpo_alpha)?,
+            rpo_alpha: opt_float("rpo_alpha", self.rpo_alpha)?,
+            discopop_tau: float("discopop_tau", self.discopop_tau, d.discopop_tau)?,
+            bco_delta: opt_float("bco_delta", self.bco_delta)?,
+        };
+        LossConfig::new(&types, weights.as_deref(), opts).map_err(to_py)
+    }
+}
+
+/// Fused preference loss, gradients, rewards and metrics over `(B,)` log-prob arrays.
 #[pyfunction]
 #[pyo3(
     signature = (
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-        beta=None, loss_type="sigmoid", label_smoothing=None, chosen_lengths=None,
-        rejected_lengths=None
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None,
+        ref_rejected_logps=None, *, beta=None, loss_type=None, loss_weights=None,
+        label_smoothing=None, chosen_lengths=None, rejected_lengths=None, f_divergence=None,
+        f_alpha_divergence_coef=None, reference_free=None, simpo_gamma=None, cpo_alpha=None,
+        orpo_alpha=None, rpo_alpha=None, discopop_tau=None, bco_delta=None
     ),
-    text_signature = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, \
-        ref_rejected_logps, *, beta=0.1, loss_type='sigmoid', label_smoothing=0.0, \
-        chosen_lengths=None, rejected_lengths=None)"
+    text_signature = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, \
+        ref_rejected_logps=None, *, beta=0.1, loss_type='sigmoid', loss_weights=None, \
+        label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None, \
+        f_divergence='reverse_kl', f_alpha_divergence_coef=1.0, reference_free=False, \
+        simpo_gamma=0.5, cpo_alpha=1.0, orpo_alpha=0.1, rpo_alpha=None, discopop_tau=0.05, \
+        bco_delta=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 fn dpo_loss<'py>(
     py: Python<'py>,
     policy_chosen_logps: &Bound<'py, PyAny>,
     policy_rejected_logps: &Bound<'py, PyAny>,
-    ref_chosen_logps: &Bound<'py, PyAny>,
-    ref_rejected_logps: &Bound<'py, PyAny>,
+    ref_chosen_logps: Option<&Bound<'py, PyAny>>,
+    ref_rejected_logps: Option<&Bound<'py, PyAny>>,
     beta: Option<&Bound<'py, PyAny>>,
-    loss_type: &str,
+    loss_type: Option<&Bound<'py, PyAny>>,
+    loss_weights: Option<&Bound<'py, PyAny>>,
     label_smoothing: Option<&Bound<'py, PyAny>>,
     chosen_lengths: Option<&Bound<'py, PyAny>>,
     rejected_lengths: Option<&Bound<'py, PyAny>>,
+    f_divergence: Option<&Bound<'py, PyAny>>,
+    f_alpha_divergence_coef: Option<&Bound<'py, PyAny>>,
+    reference_free: Option<&Bound<'py, PyAny>>,
+    simpo_gamma: Option<&Bound<'py, PyAny>>,
+    cpo_alpha: Option<&Bound<'py, PyAny>>,
+    orpo_alpha: Option<&Bound<'py, PyAny>>,
+    rpo_alpha: Option<&Bound<'py, PyAny>>,
+    discopop_tau: Option<&Bound<'py, PyAny>>,
+    bco_delta: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<DPOLossOutput> {
-    let lt = LossType::parse(loss_type).map_err(to_py)?;
-    let beta = float_arg("beta", beta, 0.1)?;
-    let label_smoothing = float_arg("label_smoothing", label_smoothing, 0.0)?;
-    let cfg = LossConfig::new(lt, beta, label_smoothing).map_err(to_py)?;
-    let names = [
-        "policy_chosen_logps",
-        "policy_rejected_logps",
-        "ref_chosen_logps",
-        "ref_rejected_logps",
-    ];
+    let cfg = LossArgs {
+        loss_type,
+        loss_weights,
+        beta,
+        label_smoothing,
+        f_divergence,
+        f_alpha_divergence_coef,
+        reference_free,
+        simpo_gamma,
+        cpo_alpha,
+        orpo_alpha,
+        rpo_alpha,
+        discopop_tau,
+        bco_delta,
+    }
+    .config()?;
     let objs = [
-        policy_chosen_logps,
-        policy_rejected_logps,
-        ref_chosen_logps,
-        ref_rejected_logps,
+        Some(policy_chosen_logps),
+        Some(policy_rejected_logps),
+        optional(ref_chosen_logps),
+        optional(ref_rejected_logps),
     ];
-    let arrays = names
-        .iter()
-        .zip(objs)
-        .map(|(n, o)| float_array(n, o))
-        .collect::<PyResult<Vec<_>>>()?;
+    let mut arrays = Vec::with_capacity(4);
+    for (name, obj) in LOSS_INPUTS.iter().zip(objs) {
+        arrays.push(obj.map(|o| float_array(name, o)).transpose()?);
+    }
     let mut lens = Vec::with_capacity(2);
     for (name, obj) in [
         ("chosen_lengths", chosen_lengths),
         ("rejected_lengths", rejected_lengths),
     ] {
-        lens.push(match obj {
+        lens.push(match optional(obj) {
             None => None,
             Some(o) => Some(
                 int64_array(name, o, 1)?
@@ -302,28 +451,99 @@ fn dpo_loss<'py>(
         });
     }
     let lens_ref = [lens[0].as_ref(), lens[1].as_ref()];
-    match &arrays[..] {
-        [Floats::F32(a), Floats::F32(b), Floats::F32(c), Floats::F32(d)] => {
-            run_loss(py, cfg, [a, b, c, d], lens_ref)
-        }
-        [Floats::F64(a), Floats::F64(b), Floats::F64(c), Floats::F64(d)] => {
-            run_loss(py, cfg, [a, b, c, d], lens_ref)
-        }
-        _ => {
-            let first_is_32 = matches!(arrays[0], Floats::F32(_));
-            let k = arrays
-                .iter()
-                .position(|a| matches!(a, Floats::F32(_)) != first_is_32)
-                .expect("mixed dtypes");
-            Err(to_py(RloxError::type_error(
-                names[k],
-                format!(
-                    "dtype differs from policy_chosen_logps ({}); pass all four as float32 or all as float64",
-                    if first_is_32 { "float32" } else { "float64" }
-                ),
-            )))
-        }
+    let first_is_32 = matches!(arrays[0], Some(Floats::F32(_)));
+    if let Some(k) = arrays.iter().position(|a| {
+        a.as_ref()
+            .is_some_and(|a| matches!(a, Floats::F32(_)) != first_is_32)
+    }) {
+        return Err(to_py(RloxError::type_error(
+            LOSS_INPUTS[k],
+            format!(
+                "dtype differs from policy_chosen_logps ({}); pass all log-probs as float32 or \
+                 all as float64",
+                if first_is_32 { "float32" } else { "float64" }
+            ),
+        )));
     }
+    if first_is_32 {
+        let a = arrays.iter().map(|a| match a {
+            Some(Floats::F32(x)) => Some(x),
+            _ => None,
+        });
+        run_loss(py, &cfg, collect4(a), lens_ref)
+    } else {
+        let a = arrays.iter().map(|a| match a {
+            Some(Floats::F64(x)) => Some(x),
+            _ => None,
+        });
+        run_loss(py, &cfg, collect4(a), lens_ref)
+    }
+}
+
+const LOSS_INPUTS: [&str; 4] = [
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+];
+
+fn collect4<X>(mut it: impl Iterator<Item = X>) -> [X; 4] {
+    std::array::from_fn(|_| it.next().expect("four inputs"))
+}
+
+/// Validate loss options without computing anything; returns what the loss needs.
+#[pyfunction]
+#[pyo3(
+    signature = (
+        *, beta=None, loss_type=None, loss_weights=None, label_smoothing=None,
+        f_divergence=None, f_alpha_divergence_coef=None, reference_free=None, simpo_gamma=None,
+        cpo_alpha=None, orpo_alpha=None, rpo_alpha=None, discopop_tau=None, bco_delta=None
+    ),
+    text_signature = "(*, beta=0.1, loss_type='sigmoid', loss_weights=None, \
+        label_smoothing=0.0, f_divergence='reverse_kl', f_alpha_divergence_coef=1.0, \
+        reference_free=False, simpo_gamma=0.5, cpo_alpha=1.0, orpo_alpha=0.1, rpo_alpha=None, \
+        discopop_tau=0.05, bco_delta=None)"
+)]
+#[allow(clippy::too_many_arguments)]
+fn check_loss_options<'py>(
+    py: Python<'py>,
+    beta: Option<&Bound<'py, PyAny>>,
+    loss_type: Option<&Bound<'py, PyAny>>,
+    loss_weights: Option<&Bound<'py, PyAny>>,
+    label_smoothing: Option<&Bound<'py, PyAny>>,
+    f_divergence: Option<&Bound<'py, PyAny>>,
+    f_alpha_divergence_coef: Option<&Bound<'py, PyAny>>,
+    reference_free: Option<&Bound<'py, PyAny>>,
+    simpo_gamma: Option<&Bound<'py, PyAny>>,
+    cpo_alpha: Option<&Bound<'py, PyAny>>,
+    orpo_alpha: Option<&Bound<'py, PyAny>>,
+    rpo_alpha: Option<&Bound<'py, PyAny>>,
+    discopop_tau: Option<&Bound<'py, PyAny>>,
+    bco_delta: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let cfg = LossArgs {
+        loss_type,
+        loss_weights,
+        beta,
+        label_smoothing,
+        f_divergence,
+        f_alpha_divergence_coef,
+        reference_free,
+        simpo_gamma,
+        cpo_alpha,
+        orpo_alpha,
+        rpo_alpha,
+        discopop_tau,
+        bco_delta,
+    }
+    .config()?;
+    let out = PyDict::new(py);
+    let terms: Vec<(&str, f64)> = cfg.terms.iter().map(|(t, w)| (t.name(), *w)).collect();
+    out.set_item("terms", terms)?;
+    out.set_item("components", cfg.component_names())?;
+    out.set_item("needs_lengths", cfg.needs_lengths())?;
+    out.set_item("needs_reference", cfg.needs_reference())?;
+    Ok(out)
 }
 
 fn id_matrix<'py>(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray2<'py, i64>> {
@@ -367,6 +587,7 @@ fn collate_pairs<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DPOLossOutput>()?;
     m.add_function(wrap_pyfunction!(dpo_loss, m)?)?;
+    m.add_function(wrap_pyfunction!(check_loss_options, m)?)?;
     m.add_function(wrap_pyfunction!(collate_pairs, m)?)?;
     Ok(())
 }

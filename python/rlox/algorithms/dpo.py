@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from rlox import __version__, _rlox
 from rlox.data import PairBatch, batch_from_arrays
-from rlox.losses import check_loss_options, dpo_loss
+from rlox.losses import LOSS_DEFAULTS, check_loss_options, dpo_loss
 
 _METRICS = (
     "loss",
@@ -164,14 +164,40 @@ def _plan_logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -
     return logits[points]
 
 
+def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
+    """(N,) weight of each plan point: 1 within the shorter completion of its pair, else alpha.
+
+    A token's place in its completion is its rank among the plan points of its sequence, so
+    this holds in every layout.
+    """
+    b = batch.num_pairs
+    seq = batch.plan_side * b + batch.plan_pair
+    n = seq.shape[0]
+    stride = int(batch.plan_position.max()) + 1 if n else 1
+    order = torch.argsort(seq * stride + batch.plan_position)
+    counts = torch.bincount(seq, minlength=2 * b)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(seq)
+    rank[order] = torch.arange(n, device=seq.device) - starts[seq[order]]
+    shorter = torch.minimum(counts[:b], counts[b:])
+    inside = rank < shorter[batch.plan_pair]
+    return torch.where(inside, 1.0, ld_alpha).to(torch.float32)
+
+
 def sequence_logps(
-    model: nn.Module, batch: PairBatch, accepted: frozenset[str] | None = None
+    model: nn.Module,
+    batch: PairBatch,
+    accepted: frozenset[str] | None = None,
+    *,
+    ld_alpha: float | None = None,
 ) -> Tensor:
     """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens.
 
     Entries ``0..B-1`` are the chosen sequences, ``B..2B-1`` the rejected ones, in any layout.
     Only the logits that predict completion tokens are normalised (the gather plan); with
     ``rlox.models.TinyCausalLM`` and Hugging Face causal LMs the LM head itself runs only there.
+    With ``ld_alpha`` (LD-DPO, Liu et al. 2024) tokens beyond the shorter completion of each pair
+    count with weight ``ld_alpha``.
     """
     if accepted is None:
         accepted = _accepted_kwargs(model)
@@ -189,39 +215,72 @@ def sequence_logps(
             f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary (V={vocab})"
         )
     token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - picked.logsumexp(-1)
+    if ld_alpha is not None and ld_alpha != 1.0:
+        token_logps = token_logps * _ld_weights(batch, ld_alpha)
     index = batch.plan_side * b + batch.plan_pair
     return torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
 
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """Hyper-parameters of a :class:`DPO` trainer (saved with checkpoints)."""
+    """Hyper-parameters of a :class:`DPO` trainer (saved with checkpoints).
+
+    The loss options are those of :func:`rlox.losses.dpo_loss`.
+    """
 
     beta: float = 0.1
     learning_rate: float = 1e-4
     max_grad_norm: float | None = 1.0
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 1.0
+    reference_free: bool = False
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    orpo_alpha: float = 0.1
+    rpo_alpha: float | None = None
+    discopop_tau: float = 0.05
+    ld_alpha: float | None = None
     pad_token_id: int | None = None
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword options of :func:`rlox.losses.dpo_loss`."""
+        keys = set(LOSS_DEFAULTS) - {"bco_delta"}
+        opts = {k: v for k, v in asdict(self).items() if k in keys}
+        if not isinstance(self.loss_type, str):
+            opts["loss_type"] = list(self.loss_type)
+        if self.loss_weights is not None:
+            opts["loss_weights"] = list(self.loss_weights)
+        return opts
 
 
 class DPO:
     """Direct Preference Optimization of ``model`` against a frozen ``ref_model``.
 
     Each step puts chosen and rejected completions through the policy in ONE forward over a
-    (2B, L) batch, runs the reference under ``torch.no_grad()``, and minimises the DPO loss on
-    the summed completion log-probs (computed by the Rust kernel on CPU).
+    (2B, L) batch, runs the reference under ``torch.no_grad()``, and minimises the preference
+    loss on the summed completion log-probs (computed by the Rust kernel on CPU).
 
     Args:
         model: the policy; ``model(input_ids) -> logits (B, T, V)`` or an object with ``.logits``
             (Hugging Face causal LMs). ``attention_mask`` / ``position_ids`` are passed when its
             forward accepts them.
         ref_model: a frozen copy of the initial policy; set to eval mode and ``requires_grad=False``.
+            May be None when the loss needs no reference (``simpo``, ``cpo``, ``orpo``, ``sft``
+            or ``reference_free=True``).
         beta: KL-penalty strength; implicit reward is ``beta * (policy - ref)``.
         learning_rate: Adam learning rate (ignored when ``optimizer`` is given).
         max_grad_norm: clip the global gradient norm to this value (``None``: no clipping).
-        loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"``; see :func:`rlox.losses.dpo_loss`.
-        label_smoothing: conservative-DPO eps in [0, 0.5).
+        loss_type: one of :data:`rlox.losses.LOSS_TYPES`, or a list of them weighted by
+            ``loss_weights``; see :mod:`rlox.losses` for every formula.
+        label_smoothing, f_divergence, f_alpha_divergence_coef, reference_free, simpo_gamma,
+            cpo_alpha, orpo_alpha, rpo_alpha, discopop_tau: loss options of
+            :func:`rlox.losses.dpo_loss`. ``bco_pair`` shifts rewards by their running mean over
+            all steps so far.
+        ld_alpha: LD-DPO weight of the tokens beyond the shorter completion of each pair
+            (``None``: 1), applied where log-probs are summed, so in every layout.
         pad_token_id: id of padding in the input matrices (``None``: no padding).
         optimizer: a ready optimizer over ``model``'s parameters; Adam by default.
     """
@@ -229,20 +288,65 @@ class DPO:
     def __init__(
         self,
         model: nn.Module,
-        ref_model: nn.Module,
+        ref_model: nn.Module | None,
         *,
         beta: float = 0.1,
         learning_rate: float = 1e-4,
         max_grad_norm: float | None = 1.0,
-        loss_type: str = "sigmoid",
+        loss_type: str | list[str] | tuple[str, ...] = "sigmoid",
+        loss_weights: list[float] | tuple[float, ...] | None = None,
         label_smoothing: float = 0.0,
+        f_divergence: str = "reverse_kl",
+        f_alpha_divergence_coef: float = 1.0,
+        reference_free: bool = False,
+        simpo_gamma: float = 0.5,
+        cpo_alpha: float = 1.0,
+        orpo_alpha: float = 0.1,
+        rpo_alpha: float | None = None,
+        discopop_tau: float = 0.05,
+        ld_alpha: float | None = None,
         pad_token_id: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
-        check_loss_options(beta, loss_type, label_smoothing)
+        if not isinstance(loss_type, str) and isinstance(loss_type, list | tuple):
+            loss_type = tuple(loss_type)
+        if loss_weights is not None and isinstance(loss_weights, list | tuple):
+            loss_weights = tuple(float(w) for w in loss_weights)
+        if ld_alpha is not None:
+            if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, int | float):
+                raise TypeError(
+                    f"ld_alpha: expected a float or None, got {type(ld_alpha).__name__}"
+                )
+            if not 0.0 <= ld_alpha <= 1.0:
+                raise ValueError(f"ld_alpha: must be in [0, 1], got {ld_alpha}")
+        config = DPOConfig(
+            beta=beta,
+            learning_rate=learning_rate,
+            max_grad_norm=max_grad_norm,
+            loss_type=loss_type,
+            loss_weights=loss_weights,
+            label_smoothing=label_smoothing,
+            f_divergence=f_divergence,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            reference_free=reference_free,
+            simpo_gamma=simpo_gamma,
+            cpo_alpha=cpo_alpha,
+            orpo_alpha=orpo_alpha,
+            rpo_alpha=rpo_alpha,
+            discopop_tau=discopop_tau,
+            ld_alpha=None if ld_alpha is None else float(ld_alpha),
+            pad_token_id=pad_token_id,
+        )
+        info = check_loss_options(**config.loss_options())
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(ref_model, nn.Module):
+        if ref_model is None:
+            if info["needs_reference"]:
+                raise ValueError(
+                    f"ref_model: loss_type {loss_type!r} compares the policy with a reference; "
+                    "pass a frozen copy of the model (or reference_free=True)"
+                )
+        elif not isinstance(ref_model, nn.Module):
             raise TypeError(
                 f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}"
             )
@@ -258,22 +362,31 @@ class DPO:
             raise TypeError(
                 f"pad_token_id: expected an int or None, got {type(pad_token_id).__name__}"
             )
-        self.config = DPOConfig(
+        self.config = replace(
+            config,
             beta=float(beta),
             learning_rate=float(learning_rate),
             max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
-            loss_type=loss_type,
             label_smoothing=float(label_smoothing),
-            pad_token_id=pad_token_id,
         )
         self.model = model
-        self.ref_model = ref_model.eval().requires_grad_(False)
+        # The reference is not needed (and not run) when every term is reference-free.
+        self.ref_model = (
+            ref_model.eval().requires_grad_(False)
+            if ref_model is not None and info["needs_reference"]
+            else None
+        )
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
         self.global_step = 0
         self.skipped_steps = 0
         self.vocab_size = model_vocab_size(model)
         self._policy_kwargs = _accepted_kwargs(model)
-        self._ref_kwargs = _accepted_kwargs(ref_model)
+        self._ref_kwargs = _accepted_kwargs(ref_model) if self.ref_model is not None else None
+        self._components = tuple(info["components"])
+        self._uses_bco = any(t == "bco_pair" for t, _ in info["terms"])
+        # Running mean of the rewards (BCO's shift): sum and count of all rewards seen in training.
+        self.bco_reward_sum = 0.0
+        self.bco_reward_count = 0
 
     def collate(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         """Re-pack id matrices with this trainer's ``pad_token_id`` (see :func:`collate_pairs`)."""
@@ -285,43 +398,74 @@ class DPO:
             vocab_size=self.vocab_size,
         )
 
-    def _loss(self, batch: PairBatch) -> tuple[Tensor | None, dict[str, float]]:
-        """The differentiable loss and the metrics; the loss is None when log-probs are not finite."""
+    def _loss(
+        self, batch: PairBatch, *, training: bool = False
+    ) -> tuple[Tensor | None, dict[str, float]]:
+        """The differentiable loss and the metrics; the loss is None when log-probs are not finite.
+
+        ``training`` folds the batch's rewards into the running BCO shift.
+        """
         b = batch.num_pairs
-        policy = sequence_logps(self.model, batch, self._policy_kwargs)
+        cfg = self.config
+        policy = sequence_logps(self.model, batch, self._policy_kwargs, ld_alpha=cfg.ld_alpha)
         with torch.no_grad():
-            ref = sequence_logps(self.ref_model, batch, self._ref_kwargs).to(policy.device)
-            if not bool(torch.isfinite(policy).all() & torch.isfinite(ref).all()):
+            ref = None
+            finite = torch.isfinite(policy).all()
+            if self.ref_model is not None:
+                ref = sequence_logps(
+                    self.ref_model, batch, self._ref_kwargs, ld_alpha=cfg.ld_alpha
+                ).to(policy.device)
+                finite &= torch.isfinite(ref).all()
+            if not bool(finite):
                 metrics = dict.fromkeys(_METRICS, math.nan)
                 metrics["chosen_logps"] = policy[:b].double().mean().item()
                 metrics["rejected_logps"] = policy[b:].double().mean().item()
                 return None, metrics
-        cfg = self.config
+        options = cfg.loss_options()
+        if self._uses_bco:
+            options["bco_delta"] = self._bco_delta(policy, ref, b, training)
+        if "orpo" in self._components:
+            # A log-prob that rounds to 0 has infinite odds; keep it just below.
+            policy = policy.clamp(max=-1e-6)
         res = dpo_loss(
             policy[:b],
             policy[b:],
-            ref[:b],
-            ref[b:],
-            beta=cfg.beta,
-            loss_type=cfg.loss_type,
-            label_smoothing=cfg.label_smoothing,
+            None if ref is None else ref[:b],
+            None if ref is None else ref[b:],
             chosen_lengths=batch.chosen_lengths.to(policy.device),
             rejected_lengths=batch.rejected_lengths.to(policy.device),
+            **options,
         )
         with torch.no_grad():
             rc, rr = res.chosen_rewards.double(), res.rejected_rewards.double()
-            stats = torch.stack(
-                [
-                    res.loss.detach().double(),
-                    rc.mean(),
-                    rr.mean(),
-                    (rc - rr).mean(),
-                    (rc > rr).double().mean(),
-                    policy[:b].detach().double().mean(),
-                    policy[b:].detach().double().mean(),
-                ]
-            ).tolist()
-        return res.loss, dict(zip(_METRICS, stats, strict=True))
+            values = [
+                res.loss.detach().double(),
+                rc.mean(),
+                rr.mean(),
+                (rc - rr).mean(),
+                (rc > rr).double().mean(),
+                policy[:b].detach().double().mean(),
+                policy[b:].detach().double().mean(),
+            ]
+            stats = torch.stack(values).tolist()
+        metrics = dict(zip(_METRICS, stats, strict=True))
+        if len(self._components) > 1:
+            for name, value in res.component_losses.items():
+                metrics[f"loss_{name}"] = float(value)
+        return res.loss, metrics
+
+    def _bco_delta(self, policy: Tensor, ref: Tensor | None, b: int, training: bool) -> float:
+        """BCO's reward shift: the running mean of all rewards, including this batch's when training."""
+        with torch.no_grad():
+            u = policy.detach().double() - (0.0 if ref is None else ref.double())
+            total, count = self.config.beta * float(u.sum()), 2 * b
+        if training:
+            self.bco_reward_sum += total
+            self.bco_reward_count += count
+            return self.bco_reward_sum / self.bco_reward_count
+        if self.bco_reward_count == 0:
+            return total / count
+        return self.bco_reward_sum / self.bco_reward_count
 
     def _batch(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         if isinstance(prompt, PairBatch):
@@ -369,7 +513,7 @@ class DPO:
             return dict.fromkeys(_METRICS, math.nan) | {"grad_norm": math.nan, "skipped": 1.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics = self._loss(batch)
+        loss, metrics = self._loss(batch, training=True)
         grad_norm = math.nan
         if loss is not None:
             loss.backward()
@@ -408,6 +552,8 @@ class DPO:
             "optimizer": type(self.optimizer).__name__,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "bco_reward_sum": self.bco_reward_sum,
+            "bco_reward_count": self.bco_reward_count,
         }
         (path / "trainer.json").write_text(json.dumps(meta, indent=2))
         return path
@@ -417,7 +563,7 @@ class DPO:
         cls,
         path: str | Path,
         model: nn.Module,
-        ref_model: nn.Module,
+        ref_model: nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> DPO:
         """Restore a trainer written by :meth:`save` into ``model`` (no pickled code is run)."""
@@ -437,4 +583,6 @@ class DPO:
         trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         trainer.global_step = int(meta["global_step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
+        trainer.bco_reward_sum = float(meta.get("bco_reward_sum", 0.0))
+        trainer.bco_reward_count = int(meta.get("bco_reward_count", 0))
         return trainer
