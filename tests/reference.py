@@ -10,6 +10,7 @@ Written directly from the published formulas; nothing here calls into ``rlox``. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -164,3 +165,360 @@ def reference_completion_logps(
             total += float(logp[p + k - 1, tok])
         out.append(total)
     return torch.tensor(out, dtype=torch.float64)
+
+
+# ============================================================================================
+# The whole DPO loss family (see the loss specification): independent float64 references.
+#
+# Notation per pair: u = policy - ref (ref = 0 when reference-free), v = u / len (per-token
+# log-ratio), a = policy / len (per-token policy log-prob), s = f-divergence score,
+# Delta = s(u_c) - s(u_r), z = beta * Delta, Dv = s(v_c) - s(v_r), eps = label_smoothing,
+# H(x) = (1 - eps) softplus(-x) + eps softplus(x)  (= -(1-eps) log sigma(x) - eps log sigma(-x)).
+
+FAMILY_TYPES = (
+    "sigmoid",
+    "robust",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+    "simpo",
+    "cpo",
+    "orpo",
+    "sft",
+)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# components whose loss is a function of Delta / Dv, and so of the f-divergence
+F_DIVERGENCE_USERS = frozenset(
+    {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm"}
+)
+LABEL_SMOOTHING_USERS = frozenset(
+    {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm", "simpo", "cpo"}
+)
+REFERENCE_FREE_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
+LENGTH_TYPES = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo", "orpo", "sft"})
+SORTING_TYPES = frozenset({"aot", "aot_unpaired"})
+
+
+def _types_and_weights(loss_type, loss_weights) -> tuple[list[str], list[float]]:
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    assert len(weights) == len(types), "test bug: weights/types"
+    return types, weights
+
+
+# ---- numpy (float64) ------------------------------------------------------------------------
+
+
+def _sp(x):
+    """softplus(x) = log(exp(0) + exp(x)), stable."""
+    return np.logaddexp(0.0, x)
+
+
+def _sig(x):
+    """sigma(x) = exp(-softplus(-x)), stable for any x."""
+    return np.exp(-np.logaddexp(0.0, -x))
+
+
+def _score_np(u, f_divergence, alpha):
+    if f_divergence == "reverse_kl":
+        return u
+    if f_divergence == "forward_kl":
+        return -np.exp(-u)
+    if f_divergence == "js_divergence":
+        return -_sp(-u)  # log sigma(u)
+    if f_divergence == "alpha_divergence":
+        return -np.expm1(-alpha * u) / alpha  # (1 - exp(-alpha u)) / alpha
+    raise AssertionError(f_divergence)  # pragma: no cover - test bug
+
+
+def reference_family(
+    pc,
+    pr,
+    rc,
+    rr,
+    *,
+    beta: float,
+    loss_type,
+    loss_weights=None,
+    label_smoothing: float = 0.0,
+    chosen_lengths=None,
+    rejected_lengths=None,
+    f_divergence: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    reference_free: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    orpo_alpha: float = 0.1,
+    rpo_alpha: float | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float | None = None,
+) -> dict:
+    """Per-pair losses, per-component losses, rewards and metrics of the loss family (numpy f64).
+
+    ``components[name]`` is the unweighted (B,) loss of one component (``"rpo"``: ``-a_c``, the
+    term that ``rpo_alpha`` multiplies); ``losses = sum_k w_k components[k] + rpo_alpha * rpo``.
+    For ``aot``/``aot_unpaired`` entry k is the k-th pair in sorted order.
+    """
+    types, weights = _types_and_weights(loss_type, loss_weights)
+    pc, pr = (np.asarray(x, dtype=np.float64) for x in (pc, pr))
+    if reference_free or rc is None:
+        rc = rr = np.zeros_like(pc)
+    else:
+        rc, rr = (np.asarray(x, dtype=np.float64) for x in (rc, rr))
+    lc = None if chosen_lengths is None else np.asarray(chosen_lengths, dtype=np.float64)
+    lr = None if rejected_lengths is None else np.asarray(rejected_lengths, dtype=np.float64)
+    eps = float(label_smoothing)
+
+    def score(x):
+        return _score_np(x, f_divergence, f_alpha_divergence_coef)
+
+    def smoothed(x):  # H(x)
+        return (1.0 - eps) * _sp(-x) + eps * _sp(x)
+
+    uc, ur = pc - rc, pr - rr
+    xc, xr = beta * uc, beta * ur
+    delta_used = None
+    components: dict[str, np.ndarray] = {}
+    for t in types:
+        if t in ("sigmoid", "robust", "hinge", "exo_pair", "discopop"):
+            z = beta * (score(uc) - score(ur))
+        if t in ("ipo", "sigmoid_norm"):
+            dv = score(uc / lc) - score(ur / lr)
+        if t == "sigmoid":
+            loss = smoothed(z)
+        elif t == "robust":
+            loss = ((1.0 - eps) * _sp(-z) - eps * _sp(z)) / (1.0 - 2.0 * eps)
+        elif t == "hinge":
+            loss = np.maximum(0.0, 1.0 - z)
+        elif t == "ipo":
+            loss = (dv - 1.0 / (2.0 * beta)) ** 2
+        elif t == "exo_pair":
+            # p log p - p log(1-eps) + q log q - q log eps, log p = -softplus(-z), log q = -softplus(z)
+            log_p, log_q = -_sp(-z), -_sp(z)
+            p, q = np.exp(log_p), np.exp(log_q)
+            loss = p * (log_p - np.log1p(-eps)) + q * (log_q - np.log(eps))
+        elif t == "nca_pair":
+            loss = _sp(-xc) + 0.5 * _sp(xc) + 0.5 * _sp(xr)
+        elif t == "bco_pair":
+            if bco_delta is None:
+                delta_used = float(np.mean(np.concatenate([xc, xr])))
+            else:
+                delta_used = float(bco_delta)
+            loss = _sp(-(xc - delta_used)) + _sp(xr - delta_used)
+        elif t == "sppo_hard":
+            loss = (uc - 1.0 / (2.0 * beta)) ** 2 + (ur + 1.0 / (2.0 * beta)) ** 2
+        elif t == "aot":
+            d = np.sort(pc - pr) - np.sort(rc - rr)
+            loss = smoothed(beta * d)
+        elif t == "aot_unpaired":
+            d = np.sort(uc) - np.sort(ur)
+            loss = smoothed(beta * d)
+        elif t == "apo_zero":
+            loss = _sig(-xc) + _sig(xr)
+        elif t == "apo_down":
+            loss = _sig(xc) + _sig(-beta * (uc - ur))
+        elif t == "discopop":
+            tau = discopop_tau
+            m_c = _sig(-z / tau)  # 1 - m
+            loss = m_c * _sp(-z) + np.exp(-z - _sp(-z / tau))
+        elif t == "sigmoid_norm":
+            loss = smoothed(beta * dv)
+        elif t == "simpo":
+            loss = smoothed(beta * (pc / lc - pr / lr) - simpo_gamma)
+        elif t == "cpo":
+            loss = smoothed(beta * (pc - pr)) + cpo_alpha * (-pc / lc)
+        elif t == "orpo":
+
+            def log_odds(a):
+                return a - np.log(-np.expm1(a))
+
+            ac, ar = pc / lc, pr / lr
+            loss = -ac + orpo_alpha * _sp(-(log_odds(ac) - log_odds(ar)))
+        elif t == "sft":
+            loss = -pc / lc
+        else:  # pragma: no cover - test bug
+            raise AssertionError(t)
+        components[t] = loss
+    losses = sum(w * components[t] for t, w in zip(types, weights, strict=True))
+    if rpo_alpha is not None:
+        components["rpo"] = -pc / lc
+        losses = losses + rpo_alpha * components["rpo"]
+    cr, rj = xc, xr
+    return {
+        "losses": losses,
+        "loss": float(np.mean(losses)),
+        "components": components,
+        "component_losses": {k: float(np.mean(v)) for k, v in components.items()},
+        "bco_delta": delta_used,
+        "chosen_rewards": cr,
+        "rejected_rewards": rj,
+        "reward_accuracy": float(np.mean(cr > rj)),
+        "reward_margin": float(np.mean(cr - rj)),
+        "chosen_reward": float(np.mean(cr)),
+        "rejected_reward": float(np.mean(rj)),
+    }
+
+
+# ---- torch (float64 autograd) ---------------------------------------------------------------
+
+
+def _sp_t(x: torch.Tensor) -> torch.Tensor:
+    return torch.logaddexp(torch.zeros_like(x), x)
+
+
+def _score_t(u: torch.Tensor, f_divergence: str, alpha: float) -> torch.Tensor:
+    if f_divergence == "reverse_kl":
+        return u
+    if f_divergence == "forward_kl":
+        return -torch.exp(-u)
+    if f_divergence == "js_divergence":
+        return torch.nn.functional.logsigmoid(u)
+    if f_divergence == "alpha_divergence":
+        return (1.0 - torch.exp(-alpha * u)) / alpha
+    raise AssertionError(f_divergence)  # pragma: no cover - test bug
+
+
+def reference_family_torch(
+    pc: torch.Tensor,
+    pr: torch.Tensor,
+    rc: torch.Tensor | None,
+    rr: torch.Tensor | None,
+    *,
+    beta: float,
+    loss_type,
+    loss_weights=None,
+    label_smoothing: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 1.0,
+    reference_free: bool = False,
+    simpo_gamma: float = 0.5,
+    cpo_alpha: float = 1.0,
+    orpo_alpha: float = 0.1,
+    rpo_alpha: float | None = None,
+    discopop_tau: float = 0.05,
+    bco_delta: float | None = None,
+) -> torch.Tensor:
+    """The family's (B,) per-pair losses as differentiable torch ops (use float64 leaves).
+
+    Written separately from :func:`reference_family`, with torch's own primitives
+    (logsigmoid, sigmoid, sort(stable=True)); the bco delta is detached.
+    """
+    types, weights = _types_and_weights(loss_type, loss_weights)
+    if reference_free or rc is None:
+        rc = torch.zeros_like(pc)
+        rr = torch.zeros_like(pr)
+    lc = None if chosen_lengths is None else chosen_lengths.to(pc.dtype)
+    lr = None if rejected_lengths is None else rejected_lengths.to(pc.dtype)
+    eps = float(label_smoothing)
+    nls = torch.nn.functional.logsigmoid
+
+    def sig(x):
+        # sigma(x) = exp(log sigma(x)): accurate value AND gradient for large |x| (autograd of
+        # torch.sigmoid forms y * (1 - y), which loses sigma'(x) once y rounds to 1)
+        return torch.exp(nls(x))
+
+    def score(x):
+        return _score_t(x, f_divergence, f_alpha_divergence_coef)
+
+    def smoothed(x):
+        if eps == 0.0:
+            return -nls(x)
+        return -(1.0 - eps) * nls(x) - eps * nls(-x)
+
+    uc, ur = pc - rc, pr - rr
+    total = torch.zeros_like(pc)
+    for t, w in zip(types, weights, strict=True):
+        if t in ("sigmoid", "robust", "hinge", "exo_pair", "discopop"):
+            z = beta * (score(uc) - score(ur))
+        if t in ("ipo", "sigmoid_norm"):
+            dv = score(uc / lc) - score(ur / lr)
+        if t == "sigmoid":
+            loss = smoothed(z)
+        elif t == "robust":
+            loss = (-(1.0 - eps) * nls(z) + eps * nls(-z)) / (1.0 - 2.0 * eps)
+        elif t == "hinge":
+            loss = torch.relu(1.0 - z)
+        elif t == "ipo":
+            loss = (dv - 1.0 / (2.0 * beta)) ** 2
+        elif t == "exo_pair":
+            log_p, log_q = nls(z), nls(-z)
+            loss = sig(z) * (log_p - math.log1p(-eps)) + sig(-z) * (log_q - math.log(eps))
+        elif t == "nca_pair":
+            xc, xr = beta * uc, beta * ur
+            loss = -nls(xc) - 0.5 * nls(-xc) - 0.5 * nls(-xr)
+        elif t == "bco_pair":
+            xc, xr = beta * uc, beta * ur
+            if bco_delta is None:
+                delta = torch.cat([xc, xr]).mean().detach()
+            else:
+                delta = bco_delta
+            loss = -nls(xc - delta) - nls(-(xr - delta))
+        elif t == "sppo_hard":
+            loss = (uc - 0.5 / beta) ** 2 + (ur + 0.5 / beta) ** 2
+        elif t in ("aot", "aot_unpaired"):
+            if t == "aot":
+                first, second = pc - pr, rc - rr
+            else:
+                first, second = uc, ur
+            d = torch.sort(first, stable=True).values - torch.sort(second, stable=True).values
+            loss = smoothed(beta * d)
+        elif t == "apo_zero":
+            loss = 1.0 - sig(beta * uc) + sig(beta * ur)
+        elif t == "apo_down":
+            loss = sig(beta * uc) + 1.0 - sig(beta * (uc - ur))
+        elif t == "discopop":
+            tau = discopop_tau
+            m = sig(z / tau)
+            # m * exp(-z) = exp(-z + log m)
+            loss = (1.0 - m) * (-nls(z)) + torch.exp(-z + nls(z / tau))
+        elif t == "sigmoid_norm":
+            loss = smoothed(beta * dv)
+        elif t == "simpo":
+            loss = smoothed(beta * (pc / lc - pr / lr) - simpo_gamma)
+        elif t == "cpo":
+            loss = smoothed(beta * (pc - pr)) - cpo_alpha * pc / lc
+        elif t == "orpo":
+
+            def log_odds(a):
+                return a - torch.log1p(-torch.exp(a))
+
+            loss = -pc / lc - orpo_alpha * nls(log_odds(pc / lc) - log_odds(pr / lr))
+        elif t == "sft":
+            loss = -pc / lc
+        else:  # pragma: no cover - test bug
+            raise AssertionError(t)
+        total = total + w * loss
+    if rpo_alpha is not None:
+        total = total - rpo_alpha * pc / lc
+    return total
+
+
+def reference_family_grads(pc, pr, rc, rr, **kw) -> list[np.ndarray | None]:
+    """d(mean loss)/d(pc, pr, rc, rr) by float64 autograd of :func:`reference_family_torch`.
+
+    Lengths in ``kw`` may be numpy arrays; the ref grads are None when ``rc`` is None.
+    """
+    kw = dict(kw)
+    for key in ("chosen_lengths", "rejected_lengths"):
+        if kw.get(key) is not None:
+            kw[key] = torch.as_tensor(np.asarray(kw[key], dtype=np.int64))
+    leaves = [
+        None if x is None else torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
+        for x in (pc, pr, rc, rr)
+    ]
+    reference_family_torch(*leaves, **kw).mean().backward()
+    return [
+        None if t is None else (t.grad.numpy() if t.grad is not None else np.zeros(t.shape))
+        for t in leaves
+    ]

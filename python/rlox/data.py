@@ -121,14 +121,16 @@ def dense_attention_mask(batch: PairBatch) -> Tensor:
     return mask[:, None]
 
 
+_BATCH_FIELDS = tuple(f.name for f in fields(PairBatch) if f.name != "layout")
+
+
 def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
     """Wrap the arrays returned by the Rust collator as torch tensors (no copy)."""
     kw: dict[str, Any] = {"layout": layout}
-    for f in fields(PairBatch):
-        if f.name == "layout" or f.name not in arrays:
-            continue
-        value = arrays[f.name]
-        kw[f.name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+    for name in _BATCH_FIELDS:
+        value = arrays.get(name)
+        if value is not None:
+            kw[name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
     if layout != "packed":
         kw["cu_seqlens"] = None
     if layout != "prefix_shared":
@@ -351,10 +353,9 @@ class PreferenceDataset:
             _flatten(n, r)
             for n, r in zip(_COLUMNS, (prompt_ids, chosen_ids, rejected_ids), strict=True)
         ]
-        store = _rlox.PairStore(*(a for values, offsets in cols for a in (values, offsets)))
+        store = _rlox.PairStore(*(a for v, o in cols for a in (_narrow(v), o)))
         store.validate(vocab_size)
-        narrowed = [a for v, o in cols for a in (_narrow(v), o)]
-        return cls(_rlox.PairStore(*narrowed))
+        return cls(store)
 
     @classmethod
     def from_arrow(

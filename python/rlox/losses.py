@@ -232,8 +232,11 @@ def _score(u: Tensor, f_divergence: str, alpha: float) -> Tensor:
         return u
     if f_divergence == "js_divergence":
         return _nsp(u)
-    a = 1.0 if f_divergence == "forward_kl" else alpha
-    return -torch.expm1(-a * u) / a
+    if f_divergence == "forward_kl":
+        return -torch.exp(-u)
+    # (1 - e^(-a u)) / a written with exp, not expm1: expm1's backward (result + 1) cancels
+    # when e^(-a u) << 1.
+    return (1.0 - torch.exp(-alpha * u)) / alpha
 
 
 def _torch_terms(
@@ -271,7 +274,8 @@ def _torch_terms(
             if t == "hinge":
                 return torch.relu(1.0 - z)
             if t == "exo_pair":
-                p, q = torch.sigmoid(z), torch.sigmoid(-z)
+                # exp(log sigma) keeps both derivatives accurate where sigma rounds to 1
+                p, q = torch.exp(_nsp(z)), torch.exp(_nsp(-z))
                 return p * (_nsp(z) - math.log(1.0 - eps)) + q * (_nsp(-z) - math.log(eps))
             tau = o["discopop_tau"]
             m = torch.sigmoid(z / tau)

@@ -498,18 +498,20 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
                 for (j, x) in pos[first..end].iter_mut().enumerate() {
                     x.write((pos0 + j) as i64);
                 }
-                for t in 0..nc {
-                    let pred = match (pc.shared_prompt_end, t) {
-                        (Some(pe), 0) => pe - 1,
-                        _ => comp_at + t - 1,
-                    };
-                    p_row[k].write(row as i64);
-                    p_pos[k].write(pred as i64);
-                    p_tgt[k].write(pc.completion.get(t));
-                    p_pair[k].write(pc.pair as i64);
-                    p_side[k].write(pc.side as i64);
-                    k += 1;
+                // Token t of the completion is predicted at comp_at + t - 1, except that the
+                // first rejected token of a shared prompt is predicted at the prompt's end.
+                let plan = k..k + nc;
+                put(&mut p_row[plan.clone()], row as i64);
+                put(&mut p_pair[plan.clone()], pc.pair as i64);
+                put(&mut p_side[plan.clone()], pc.side as i64);
+                pc.completion.write_to(&mut p_tgt[plan.clone()]);
+                for (j, x) in p_pos[plan].iter_mut().enumerate() {
+                    x.write((comp_at + j) as i64 - 1);
                 }
+                if let (Some(pe), true) = (pc.shared_prompt_end, nc > 0) {
+                    p_pos[k].write(pe as i64 - 1);
+                }
+                k += nc;
             }
             debug_assert_eq!(k, p_row.len());
             put(&mut ids[fill..], pad);

@@ -145,10 +145,11 @@ impl<'a> Column<'a> {
     }
 }
 
-/// Ids must be non-negative, below `vocab_size` when given, and fit in int32 when stored.
-pub fn check_ids(field: &str, i: usize, ids: Ints<'_>, vocab_size: Option<i64>) -> Result<()> {
+/// Ids must be non-negative and below `vocab_size` when given; returns the largest id (-1 for
+/// no ids).
+pub fn check_ids(field: &str, i: usize, ids: Ints<'_>, vocab_size: Option<i64>) -> Result<i64> {
     let Some((lo, hi)) = ids.min_max() else {
-        return Ok(());
+        return Ok(-1);
     };
     if lo < 0 {
         return Err(RloxError::at(field, i, format!("negative token id {lo}")));
@@ -162,7 +163,7 @@ pub fn check_ids(field: &str, i: usize, ids: Ints<'_>, vocab_size: Option<i64>) 
             ));
         }
     }
-    Ok(())
+    Ok(hi)
 }
 
 /// One pair's three token runs, and the pair's index in the store.
@@ -214,10 +215,17 @@ impl<'a> PairColumns<'a> {
 
     /// Pair `i` with every check: offsets, non-empty runs, ids in range.
     pub fn pair(&self, i: usize, vocab_size: Option<i64>) -> Result<PairRef<'a>> {
+        self.pair_max(i, Some(vocab_size)).map(|(p, _)| p)
+    }
+
+    /// Pair `i` with its offsets checked, and with its ids checked against `ids` (`Some(vocab)`)
+    /// or not (`None`: the store was validated before); also the largest id seen (-1 unchecked).
+    fn pair_max(&self, i: usize, ids: Option<Option<i64>>) -> Result<(PairRef<'a>, i64)> {
         let mut runs = [Ints::I32(&[]); 3];
+        let mut max = -1;
         for (run, col) in runs.iter_mut().zip(self.columns()) {
-            let ids = col.row(i)?;
-            if ids.is_empty() {
+            let row = col.row(i)?;
+            if row.is_empty() {
                 let what = if col.name == "prompt" {
                     "empty prompt; at least one token is needed to predict the first completion token"
                 } else {
@@ -225,31 +233,44 @@ impl<'a> PairColumns<'a> {
                 };
                 return Err(RloxError::at(col.name, i, what));
             }
-            check_ids(col.name, i, ids, vocab_size)?;
-            *run = ids;
+            if let Some(vocab_size) = ids {
+                max = max.max(check_ids(col.name, i, row, vocab_size)?);
+            }
+            *run = row;
         }
-        Ok(PairRef {
+        let pair = PairRef {
             index: i,
             prompt: runs[0],
             chosen: runs[1],
             rejected: runs[2],
-        })
+        };
+        Ok((pair, max))
     }
 
-    /// Check every pair (in parallel); the error names the first bad pair.
-    pub fn validate(&self, vocab_size: Option<i64>) -> Result<()> {
+    /// Check every pair (in parallel); the error names the first bad pair. Returns the largest
+    /// token id of the store.
+    pub fn validate(&self, vocab_size: Option<i64>) -> Result<i64> {
+        let checked = (0..self.len())
+            .into_par_iter()
+            .with_min_len(1024)
+            .map(|i| self.pair_max(i, Some(vocab_size)).map(|(_, m)| m))
+            .try_reduce(|| -1, |a, b| Ok(a.max(b)));
+        if checked.is_ok() {
+            return checked;
+        }
+        // Some pair failed; report the first one.
         let bad = (0..self.len())
             .into_par_iter()
             .with_min_len(1024)
-            .find_first(|&i| self.pair(i, vocab_size).is_err());
-        match bad {
-            Some(i) => self.pair(i, vocab_size).map(|_| ()),
-            None => Ok(()),
-        }
+            .find_first(|&i| self.pair(i, vocab_size).is_err())
+            .expect("a pair failed validation");
+        self.pair(bad, vocab_size).map(|_| -1)
     }
 
-    /// The checked pairs at `indices` (in parallel); the error names the first bad one.
-    pub fn pairs(&self, indices: &[i64], vocab_size: Option<i64>) -> Result<Vec<PairRef<'a>>> {
+    /// The pairs at `indices` (in parallel for many), offsets always checked; ids checked
+    /// against `ids` (`Some(vocab_size)`), or not (`None`) when the store is known valid.
+    /// The error names the first bad pair.
+    pub fn pairs(&self, indices: &[i64], ids: Option<Option<i64>>) -> Result<Vec<PairRef<'a>>> {
         let n = self.len();
         let get = |(k, &i): (usize, &i64)| {
             if i < 0 || i as u64 >= n as u64 {
@@ -259,7 +280,7 @@ impl<'a> PairColumns<'a> {
                     format!("pair index {i} is out of range for {n} pairs"),
                 ));
             }
-            self.pair(i as usize, vocab_size)
+            self.pair_max(i as usize, ids).map(|(p, _)| p)
         };
         let got: Vec<Result<PairRef<'a>>> = if indices.len() >= 4096 {
             indices.par_iter().enumerate().map(get).collect()
@@ -380,7 +401,7 @@ mod tests {
         .unwrap();
         let e = s.validate(None).unwrap_err();
         assert_eq!((e.field.as_str(), e.index), ("chosen", Some(1)));
-        let e = s.pairs(&[0, 2], None).unwrap_err();
+        let e = s.pairs(&[0, 2], Some(None)).unwrap_err();
         assert_eq!((e.field.as_str(), e.index), ("indices", Some(1)));
     }
 

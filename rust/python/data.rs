@@ -4,9 +4,11 @@
 //! int32/int64 and contiguous) and borrows them as slices for each call, with the GIL released.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use numpy::{
-    PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods,
+    Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods,
+    PyReadonlyArray1, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -190,30 +192,30 @@ fn vec_i64<'py>(py: Python<'py>, v: Vec<i64>) -> Bound<'py, PyArray1<i64>> {
 }
 
 /// A collated batch as a dict of numpy arrays (handed over without copying).
+/// A `rows x cols` numpy matrix that takes over `v` (no copy).
+fn matrix<'py, T: Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Bound<'py, PyArray2<T>>> {
+    let a = numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
+        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+    Ok(a.into_pyarray(py))
+}
+
+/// A collated batch as a dict of numpy arrays (handed over without copying).
 pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound<'py, PyDict>> {
     let (rows, len) = (b.rows, b.length);
     let out = PyDict::new(py);
-    let shape = [rows, len];
-    out.set_item("input_ids", vec_i64(py, b.input_ids).reshape(shape)?)?;
-    out.set_item(
-        "attention_mask",
-        vec_i64(py, b.attention_mask).reshape(shape)?,
-    )?;
-    out.set_item("position_ids", vec_i64(py, b.position_ids).reshape(shape)?)?;
-    out.set_item(
-        "loss_mask",
-        PyArray1::from_vec(py, b.loss_mask).reshape(shape)?,
-    )?;
-    out.set_item(
-        "sequence_ids",
-        PyArray1::from_vec(py, b.sequence_ids).reshape(shape)?,
-    )?;
+    out.set_item("input_ids", matrix(py, b.input_ids, rows, len)?)?;
+    out.set_item("attention_mask", matrix(py, b.attention_mask, rows, len)?)?;
+    out.set_item("position_ids", matrix(py, b.position_ids, rows, len)?)?;
+    out.set_item("loss_mask", matrix(py, b.loss_mask, rows, len)?)?;
+    out.set_item("sequence_ids", matrix(py, b.sequence_ids, rows, len)?)?;
     out.set_item("cu_seqlens", PyArray1::from_vec(py, b.cu_seqlens))?;
     let segment_rows = b.segment_ends.len() / 3;
-    out.set_item(
-        "segment_ends",
-        vec_i64(py, b.segment_ends).reshape([segment_rows, 3])?,
-    )?;
+    out.set_item("segment_ends", matrix(py, b.segment_ends, segment_rows, 3)?)?;
     out.set_item("num_truncated", b.truncated)?;
     for (key, v) in [
         ("pair_index", b.pair_index),
@@ -237,9 +239,25 @@ pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound
 pub struct PairStore {
     held: Vec<Held>,
     len: usize,
+    /// Largest token id once `validate` has passed (`UNCHECKED` before): collation then skips
+    /// the per-token id checks that this bound already answers.
+    max_id: AtomicI64,
 }
 
+const UNCHECKED: i64 = i64::MIN;
+
 impl PairStore {
+    /// The id checks collation still needs: none when validation bounded every id below the
+    /// vocabulary (or no vocabulary is given); else `Some(vocab)`.
+    fn id_checks(&self, vocab: Option<i64>) -> Option<Option<i64>> {
+        let max = self.max_id.load(Ordering::Relaxed);
+        match vocab {
+            _ if max == UNCHECKED => Some(vocab),
+            Some(v) if max >= v => Some(vocab),
+            _ => None,
+        }
+    }
+
     fn guards<'py>(&self, py: Python<'py>) -> Vec<Guard<'py>> {
         self.held
             .iter()
@@ -289,7 +307,11 @@ impl PairStore {
             .zip(NAMES)
             .map(|(o, n)| hold(n, o))
             .collect::<PyResult<Vec<_>>>()?;
-        let store = Self { held, len: 0 };
+        let store = Self {
+            held,
+            len: 0,
+            max_id: AtomicI64::new(UNCHECKED),
+        };
         let len = columns(&store.guards(py)).map_err(to_py)?.len();
         Ok(Self { len, ..store })
     }
@@ -315,7 +337,9 @@ impl PairStore {
         let vocab = int_arg("vocab_size", vocab_size)?;
         let g = self.guards(py);
         let cols = columns(&g).map_err(to_py)?;
-        py.detach(|| cols.validate(vocab)).map_err(to_py)
+        let max = py.detach(|| cols.validate(vocab)).map_err(to_py)?;
+        self.max_id.store(max, Ordering::Relaxed);
+        Ok(())
     }
 
     /// `(n,)` int64 prompt, chosen and rejected lengths.
@@ -374,7 +398,7 @@ impl PairStore {
         let cols = columns(&g).map_err(to_py)?;
         let batch = py
             .detach(|| {
-                let pairs = cols.pairs(idx, vocab)?;
+                let pairs = cols.pairs(idx, self.id_checks(vocab))?;
                 collate(&pairs, &o)
             })
             .map_err(to_py)?;
