@@ -513,7 +513,7 @@ def dpo_loss(
             _first_bad(name, ~torch.isfinite(t.detach()), "log-prob is NaN or infinite")
     for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
         if t is not None:
-            _first_bad(name, t <= 0, "completion length must be >= 1")
+            _first_bad(name, (t <= 0) | (t >= 2**31), "completion length must be in [1, 2^31)")
     if any(t == "orpo" for t, _ in terms):
         for name, t in zip(_NAMES[:2], logps[:2], strict=True):
             _first_bad(

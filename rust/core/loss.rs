@@ -382,6 +382,11 @@ impl LossConfig {
         )
     }
 
+    /// One term of weight 1 and no rpo term: the term's loss is the loss.
+    fn is_single(&self) -> bool {
+        self.terms.len() == 1 && self.terms[0].1 == 1.0 && self.opts.rpo_alpha.is_none()
+    }
+
     /// Whether completion lengths are required.
     pub fn needs_lengths(&self) -> bool {
         self.opts.rpo_alpha.is_some() || self.terms.iter().any(|(t, _)| t.needs_lengths())
@@ -605,11 +610,11 @@ fn validate<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Res
                         format!("has length {} but there are {n} pairs", l.len()),
                     ));
                 }
-                if let Some(i) = l.iter().position(|&x| x <= 0) {
+                if let Some(i) = l.iter().position(|&x| x <= 0 || x > i64::from(i32::MAX)) {
                     return Err(RloxError::at(
                         name,
                         i,
-                        format!("completion length must be >= 1, got {}", l[i]),
+                        format!("completion length must be in [1, 2^31), got {}", l[i]),
                     ));
                 }
             }
@@ -745,6 +750,10 @@ pub fn dpo_loss<T: Real>(
     if total.non_finite {
         return Err(first_non_finite(&inp).expect("a non-finite value was flagged"));
     }
+    let mut total = total;
+    if cfg.is_single() && !cfg.terms[0].0.sorted() {
+        total.components[0] = total.loss;
+    }
     let nf = n as f64;
     Ok(LossSummary {
         loss: total.loss.value() / nf,
@@ -830,6 +839,25 @@ unsafe fn chunk_avx2<T: Real>(
 /// Kahan-compensated sum of `x` in f64 over independent lanes, so the loop vectorises.
 #[inline(always)]
 fn lane_sum<T: Real>(x: &[T]) -> Sum {
+    if std::mem::size_of::<T>() == 4 {
+        // float32 values summed in f64 over one block lose nothing float32 could show; the
+        // blocks are then combined with compensation.
+        let mut sum = [0.0f64; 8];
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            for k in 0..8 {
+                sum[k] += c[k].to_f64();
+            }
+        }
+        let mut total = Sum::default();
+        for v in sum {
+            total.add(v);
+        }
+        for v in it.remainder() {
+            total.add(v.to_f64());
+        }
+        return total;
+    }
     let mut sum = [0.0f64; 8];
     let mut comp = [0.0f64; 8];
     let mut it = x.chunks_exact(8);
@@ -945,12 +973,19 @@ fn log_ratio<T: Real>(pi: &[T], r: Option<&[T]>, u: &mut [T]) {
     }
 }
 
+/// A validated completion length (in `[1, 2^31)`) as a float, through i32 so that the
+/// conversion vectorises (AVX2 has no packed i64 -> float conversion).
+#[inline(always)]
+fn length_of<T: Real>(len: i64) -> T {
+    T::from_i32(len as i32)
+}
+
 #[inline(always)]
 fn inverse_lengths<T: Real>(len: &[i64], il: &mut [T]) {
     let m = il.len();
     let len = &len[..m];
     for i in 0..m {
-        il[i] = T::ONE / T::from_i64(len[i]);
+        il[i] = T::ONE / length_of::<T>(len[i]);
     }
 }
 
@@ -984,6 +1019,7 @@ fn add_grad<T: Real>(w: T, d: &[T], f: Option<&[T]>, g: &mut [T]) {
     }
 }
 
+#[inline(always)]
 fn run_term<T: Real>(
     t: LossType,
     p: &Params<T>,
@@ -1027,7 +1063,11 @@ fn block<T: Real>(
     let (pc, pr) = (inp.policy_chosen, inp.policy_rejected);
     log_ratio(pc, inp.ref_chosen, &mut s.uc[..m]);
     log_ratio(pr, inp.ref_rejected, &mut s.ur[..m]);
-    if let (Some(lc), Some(lr)) = (inp.chosen_lengths, inp.rejected_lengths) {
+    if let (Some(lc), Some(lr), true) = (
+        inp.chosen_lengths,
+        inp.rejected_lengths,
+        cfg.needs_lengths(),
+    ) {
         inverse_lengths(lc, &mut s.ilc[..m]);
         inverse_lengths(lr, &mut s.ilr[..m]);
     }
@@ -1051,23 +1091,50 @@ fn block<T: Real>(
             }
         }
     }
+    let pi = [&pc[..m], &pr[..m]];
+    let il = [&s.ilc[..m], &s.ilr[..m]];
+    // The inputs a term reads, and the chain-rule factors from its inputs to pi (1 if None).
+    macro_rules! basis {
+        ($t:expr) => {
+            match ($t.basis(), identity) {
+                (Basis::ScoreU, false) => ([&s.sc[..], &s.sr], [Some(&s.dsc[..]), Some(&s.dsr)]),
+                (Basis::ScoreV, true) => ([&s.vc[..], &s.vr], [Some(&s.ilc[..]), Some(&s.ilr)]),
+                (Basis::ScoreV, false) => ([&s.svc[..], &s.svr], [Some(&s.dvc[..]), Some(&s.dvr)]),
+                _ => ([&s.uc[..], &s.ur], [None, None]),
+            }
+        };
+    }
+    if cfg.is_single() {
+        // One term of weight 1: it writes the totals directly.
+        let t = cfg.terms[0].0;
+        let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(t);
+        let o = Out {
+            comp: &mut s.l[..m],
+            dcc: &mut s.gc[..m],
+            dcr: &mut s.gr[..m],
+        };
+        run_term(t, p, x, pi, il, o);
+        for (g, f) in [(&mut s.gc, f[0]), (&mut s.gr, f[1])] {
+            if let Some(f) = f {
+                let (g, f) = (&mut g[..m], &f[..m]);
+                for i in 0..m {
+                    g[i] = g[i] * f[i];
+                }
+            }
+        }
+        write_outputs(p.beta, inp, s, out, inv_n, acc);
+        return;
+    }
     s.l[..m].fill(T::ZERO);
     s.gc[..m].fill(T::ZERO);
     s.gr[..m].fill(T::ZERO);
-    let pi = [&pc[..m], &pr[..m]];
-    let il = [&s.ilc[..m], &s.ilr[..m]];
     for (k, &(t, w)) in cfg.terms.iter().enumerate() {
         let o = Out {
             comp: &mut s.comp[..m],
             dcc: &mut s.dcc[..m],
             dcr: &mut s.dcr[..m],
         };
-        let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = match (t.basis(), identity) {
-            (Basis::ScoreU, false) => ([&s.sc[..], &s.sr], [Some(&s.dsc[..]), Some(&s.dsr)]),
-            (Basis::ScoreV, true) => ([&s.vc[..], &s.vr], [Some(&s.ilc[..]), Some(&s.ilr)]),
-            (Basis::ScoreV, false) => ([&s.svc[..], &s.svr], [Some(&s.dvc[..]), Some(&s.dvr)]),
-            _ => ([&s.uc[..], &s.ur], [None, None]),
-        };
+        let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(t);
         run_term(t, p, x, pi, il, o);
         accumulate(
             T::from_f64(w),
@@ -1144,12 +1211,12 @@ fn write_outputs<T: Real>(
     }
     if let (Some(a), Some(lc)) = (out.grad_chosen_avg, inp.chosen_lengths) {
         for i in 0..m {
-            a[i].write(gc[i] * inv_n * T::from_i64(lc[i]));
+            a[i].write(gc[i] * inv_n * length_of::<T>(lc[i]));
         }
     }
     if let (Some(a), Some(lr)) = (out.grad_rejected_avg, inp.rejected_lengths) {
         for i in 0..m {
-            a[i].write(gr[i] * inv_n * T::from_i64(lr[i]));
+            a[i].write(gr[i] * inv_n * length_of::<T>(lr[i]));
         }
     }
     // SAFETY: the loop above wrote every element of these ranges.
@@ -1158,10 +1225,20 @@ fn write_outputs<T: Real>(
     acc.chosen_reward = acc.chosen_reward.merge(lane_sum(rc));
     acc.rejected_reward = acc.rejected_reward.merge(lane_sum(rr));
     acc.correct += rc.iter().zip(rr).map(|(a, b)| (a > b) as u64).sum::<u64>();
+    let (pc, pr) = (&inp.policy_chosen[..m], &inp.policy_rejected[..m]);
     let mut finite = true;
-    for (_, x) in inputs_named(inp) {
-        if let Some(x) = x {
-            finite &= x[..m].iter().fold(true, |f, v| f & v.is_finite());
+    match (inp.ref_chosen, inp.ref_rejected) {
+        (Some(rc), Some(rr)) => {
+            let (rc, rr) = (&rc[..m], &rr[..m]);
+            for i in 0..m {
+                finite &=
+                    pc[i].is_finite() & pr[i].is_finite() & rc[i].is_finite() & rr[i].is_finite();
+            }
+        }
+        _ => {
+            for i in 0..m {
+                finite &= pc[i].is_finite() & pr[i].is_finite();
+            }
         }
     }
     acc.non_finite |= !finite;
@@ -1245,7 +1322,7 @@ fn sorted_loss<T: Real>(
     ] {
         if let (Some(avg), Some(len)) = (avg, len) {
             for i in 0..n {
-                avg[i].write(grad[i] * T::from_i64(len[i]));
+                avg[i].write(grad[i] * length_of::<T>(len[i]));
             }
         }
     }

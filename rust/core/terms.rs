@@ -7,6 +7,42 @@
 
 use super::fastmath::Real;
 
+/// Shared loop of the margin losses: `|z| (loss, d loss / dz)` with `z = beta (xc - xr)`.
+/// A macro, not a closure-taking function: the body must be inlined into the caller (which is
+/// compiled for AVX2) for the loop to vectorise.
+macro_rules! margin {
+    ($p:expr, $xc:expr, $xr:expr, $o:expr, |$z:ident| $body:expr) => {{
+        let o = $o;
+        let m = o.comp.len();
+        let (xc, xr) = (&$xc[..m], &$xr[..m]);
+        let (dcc, dcr) = (&mut o.dcc[..m], &mut o.dcr[..m]);
+        for i in 0..m {
+            let $z = $p.beta * (xc[i] - xr[i]);
+            let (l, dz) = $body;
+            o.comp[i] = l;
+            dcc[i] = $p.beta * dz;
+            dcr[i] = -($p.beta * dz);
+        }
+    }};
+}
+
+/// Shared loop of the losses with one term per side: `|c, r| (loss, d/dc, d/dr)`.
+macro_rules! per_side {
+    ($c:expr, $r:expr, $o:expr, |$ci:ident, $ri:ident| $body:expr) => {{
+        let o = $o;
+        let m = o.comp.len();
+        let (c, r) = (&$c[..m], &$r[..m]);
+        let (dcc, dcr) = (&mut o.dcc[..m], &mut o.dcr[..m]);
+        for i in 0..m {
+            let ($ci, $ri) = (c[i], r[i]);
+            let (l, a, b) = $body;
+            o.comp[i] = l;
+            dcc[i] = a;
+            dcr[i] = b;
+        }
+    }};
+}
+
 /// `sigma(x)`, `sigma(-x)`, `softplus(x)` and `softplus(-x)` from one exponential.
 #[derive(Clone, Copy)]
 pub struct Logistic<T> {
@@ -67,32 +103,21 @@ pub struct Out<'a, T> {
 }
 
 /// Loss on the margin `z = beta * (xc - xr)`: sigmoid / sigmoid_norm (smoothed logistic).
+#[inline(always)]
 pub fn sigmoid<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     if p.smooth {
-        margin(p, xc, xr, o, |z| smoothed::<T, true>(z, p.eps));
+        margin!(p, xc, xr, o, |z| smoothed::<T, true>(z, p.eps));
     } else {
-        margin(p, xc, xr, o, |z| smoothed::<T, false>(z, p.eps));
-    }
-}
-
-/// Shared loop of the margin losses: `f(z) -> (loss, d loss / dz)`.
-#[inline(always)]
-fn margin<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>, f: impl Fn(T) -> (T, T)) {
-    let m = o.comp.len();
-    let (xc, xr, dcc, dcr) = (&xc[..m], &xr[..m], &mut o.dcc[..m], &mut o.dcr[..m]);
-    for i in 0..m {
-        let (l, dz) = f(p.beta * (xc[i] - xr[i]));
-        o.comp[i] = l;
-        dcc[i] = p.beta * dz;
-        dcr[i] = -(p.beta * dz);
+        margin!(p, xc, xr, o, |z| smoothed::<T, false>(z, p.eps));
     }
 }
 
 /// Robust DPO: `((1-eps) softplus(-z) - eps softplus(z)) / (1 - 2 eps)`.
+#[inline(always)]
 pub fn robust<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     let a = T::ONE - p.eps;
     let k = T::ONE / (T::ONE - p.eps - p.eps);
-    margin(p, xc, xr, o, |z| {
+    margin!(p, xc, xr, o, |z| {
         let g = logistic(z);
         (
             (a * g.sp_neg - p.eps * g.sp_pos) * k,
@@ -102,8 +127,9 @@ pub fn robust<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
 }
 
 /// SLiC hinge: `max(0, 1 - z)`.
+#[inline(always)]
 pub fn hinge<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
-    margin(p, xc, xr, o, |z| {
+    margin!(p, xc, xr, o, |z| {
         let h = T::ONE - z;
         let active = h > T::ZERO;
         (
@@ -114,6 +140,7 @@ pub fn hinge<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
 }
 
 /// IPO: `(xc - xr - 1/(2 beta))^2` on per-token averages.
+#[inline(always)]
 pub fn ipo<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     let target = T::ONE / (p.beta + p.beta);
     let two = T::ONE + T::ONE;
@@ -128,12 +155,13 @@ pub fn ipo<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
 }
 
 /// EXO (pair form): `KL(Bernoulli(sigma(z)) || Bernoulli(1 - eps))`.
+#[inline(always)]
 pub fn exo_pair<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     let eps = p.eps.to_f64();
     let ln_keep = T::from_f64((1.0 - eps).ln());
     let ln_flip = T::from_f64(eps.ln());
     let logit = ln_keep - ln_flip;
-    margin(p, xc, xr, o, |z| {
+    margin!(p, xc, xr, o, |z| {
         let g = logistic(z);
         let l = g.sig * (-g.sp_neg - ln_keep) + g.sig_neg * (-g.sp_pos - ln_flip);
         (l, g.sig * g.sig_neg * (z - logit))
@@ -142,18 +170,19 @@ pub fn exo_pair<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
 
 /// DiscoPOP: `(1-m) softplus(-z) + m exp(-z)` with `m = sigma(z / tau)`; `m exp(-z)` is
 /// evaluated as `exp(-z - softplus(-z/tau))`, finite whenever the loss is.
+#[inline(always)]
 pub fn discopop<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     if p.tau_le_one {
         discopop_with(p, xc, xr, o, T::exp_nonpos);
     } else {
-        discopop_with(p, xc, xr, o, T::exp);
+        discopop_with(p, xc, xr, o, T::exp_any);
     }
 }
 
 #[inline(always)]
 fn discopop_with<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>, exp: impl Fn(T) -> T) {
     let inv_tau = T::ONE / p.tau;
-    margin(p, xc, xr, o, |x| {
+    margin!(p, xc, xr, o, |x| {
         let g = logistic(x);
         let gm = logistic(x * inv_tau);
         let me = exp(-x - gm.sp_neg);
@@ -164,9 +193,10 @@ fn discopop_with<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>, exp:
 }
 
 /// NCA (pair form): `softplus(-r_c) + softplus(r_c)/2 + softplus(r_r)/2`, `r = beta u`.
+#[inline(always)]
 pub fn nca_pair<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
     let half = T::from_f64(0.5);
-    per_side(uc, ur, o, |c, r| {
+    per_side!(uc, ur, o, |c, r| {
         let gc = logistic(p.beta * c);
         let gr = logistic(p.beta * r);
         (
@@ -177,22 +207,10 @@ pub fn nca_pair<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
     });
 }
 
-/// Shared loop of the losses with one term per side: `f(c, r) -> (loss, d/dc, d/dr)`.
-#[inline(always)]
-fn per_side<T: Real>(c: &[T], r: &[T], o: Out<'_, T>, f: impl Fn(T, T) -> (T, T, T)) {
-    let m = o.comp.len();
-    let (c, r, dcc, dcr) = (&c[..m], &r[..m], &mut o.dcc[..m], &mut o.dcr[..m]);
-    for i in 0..m {
-        let (l, a, b) = f(c[i], r[i]);
-        o.comp[i] = l;
-        dcc[i] = a;
-        dcr[i] = b;
-    }
-}
-
 /// BCO (pair form): `softplus(-(beta u_c - delta)) + softplus(beta u_r - delta)`.
+#[inline(always)]
 pub fn bco_pair<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
-    per_side(uc, ur, o, |c, r| {
+    per_side!(uc, ur, o, |c, r| {
         let gc = logistic(p.beta * c - p.delta);
         let gr = logistic(p.beta * r - p.delta);
         (
@@ -204,10 +222,11 @@ pub fn bco_pair<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
 }
 
 /// SPPO with hard labels: `(u_c - 1/(2 beta))^2 + (u_r + 1/(2 beta))^2`.
+#[inline(always)]
 pub fn sppo_hard<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
     let t = T::ONE / (p.beta + p.beta);
     let two = T::ONE + T::ONE;
-    per_side(uc, ur, o, |c, r| {
+    per_side!(uc, ur, o, |c, r| {
         let a = c - t;
         let b = r + t;
         (a * a + b * b, two * a, two * b)
@@ -215,8 +234,9 @@ pub fn sppo_hard<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
 }
 
 /// APO-zero: `sigma(-beta u_c) + sigma(beta u_r)`.
+#[inline(always)]
 pub fn apo_zero<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
-    per_side(uc, ur, o, |c, r| {
+    per_side!(uc, ur, o, |c, r| {
         let gc = logistic(p.beta * c);
         let gr = logistic(p.beta * r);
         (
@@ -228,8 +248,9 @@ pub fn apo_zero<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
 }
 
 /// APO-down: `sigma(beta u_c) + sigma(-beta (u_c - u_r))`.
+#[inline(always)]
 pub fn apo_down<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
-    per_side(uc, ur, o, |c, r| {
+    per_side!(uc, ur, o, |c, r| {
         let gc = logistic(p.beta * c);
         let gd = logistic(p.beta * (c - r));
         let dd = p.beta * gd.sig * gd.sig_neg;
@@ -238,34 +259,31 @@ pub fn apo_down<T: Real>(p: &Params<T>, uc: &[T], ur: &[T], o: Out<'_, T>) {
 }
 
 /// SimPO: smoothed logistic of `beta (a_c - a_r) - gamma`, `a = pi / len`.
-pub fn simpo<T: Real>(p: &Params<T>, pi: [&[T]; 2], il: [&[T]; 2], o: Out<'_, T>) {
-    if p.smooth {
-        simpo_with(p, pi, il, o, |z| smoothed::<T, true>(z, p.eps));
-    } else {
-        simpo_with(p, pi, il, o, |z| smoothed::<T, false>(z, p.eps));
-    }
-}
-
 #[inline(always)]
-fn simpo_with<T: Real>(
-    p: &Params<T>,
-    [pc, pr]: [&[T]; 2],
-    [ilc, ilr]: [&[T]; 2],
-    o: Out<'_, T>,
-    f: impl Fn(T) -> (T, T),
-) {
+pub fn simpo<T: Real>(p: &Params<T>, [pc, pr]: [&[T]; 2], [ilc, ilr]: [&[T]; 2], o: Out<'_, T>) {
     let m = o.comp.len();
     let (pc, pr, ilc, ilr) = (&pc[..m], &pr[..m], &ilc[..m], &ilr[..m]);
     let (dcc, dcr) = (&mut o.dcc[..m], &mut o.dcr[..m]);
-    for i in 0..m {
-        let (l, dz) = f(p.beta * (pc[i] * ilc[i] - pr[i] * ilr[i]) - p.gamma);
-        o.comp[i] = l;
-        dcc[i] = p.beta * dz * ilc[i];
-        dcr[i] = -(p.beta * dz * ilr[i]);
+    macro_rules! run {
+        ($smooth:literal) => {
+            for i in 0..m {
+                let z = p.beta * (pc[i] * ilc[i] - pr[i] * ilr[i]) - p.gamma;
+                let (l, dz) = smoothed::<T, $smooth>(z, p.eps);
+                o.comp[i] = l;
+                dcc[i] = p.beta * dz * ilc[i];
+                dcr[i] = -(p.beta * dz * ilr[i]);
+            }
+        };
+    }
+    if p.smooth {
+        run!(true);
+    } else {
+        run!(false);
     }
 }
 
 /// CPO: smoothed logistic of `beta (pi_c - pi_r)` plus `cpo_alpha` times the chosen NLL.
+#[inline(always)]
 pub fn cpo<T: Real>(p: &Params<T>, pc: &[T], pr: &[T], ilc: &[T], o: Out<'_, T>) {
     let m = o.comp.len();
     sigmoid(
@@ -289,42 +307,38 @@ pub fn cpo<T: Real>(p: &Params<T>, pc: &[T], pr: &[T], ilc: &[T], o: Out<'_, T>)
 /// derivative `1 / (1 - exp(a))`.
 #[inline(always)]
 fn log_odds<T: Real>(a: T) -> (T, T) {
-    let em1 = a.exp_m1();
-    let log1m = if a > T::from_f64(-std::f64::consts::LN_2) {
-        (-em1).ln()
+    // q = 1 - exp(a), from expm1 near 0 where the subtraction would cancel.
+    let near = -a.expm1_small();
+    let far = T::ONE - T::exp_nonpos(a);
+    let q = if a > T::from_f64(-std::f64::consts::LN_2) {
+        near
     } else {
-        (-a.exp()).ln_1p()
+        far
     };
-    (a - log1m, -(T::ONE / em1))
+    (a - q.ln_pos(), T::ONE / q)
 }
 
 /// ORPO: chosen NLL plus `orpo_alpha * softplus(-(odds_c - odds_r))` on per-token averages.
+#[inline(always)]
 pub fn orpo<T: Real>(p: &Params<T>, [pc, pr]: [&[T]; 2], [ilc, ilr]: [&[T]; 2], o: Out<'_, T>) {
-    per_side_idx(o, |i| {
+    let m = o.comp.len();
+    let (pc, pr, ilc, ilr) = (&pc[..m], &pr[..m], &ilc[..m], &ilr[..m]);
+    let (dcc, dcr) = (&mut o.dcc[..m], &mut o.dcr[..m]);
+    // A plain loop, not a closure: the body is large and must be inlined to vectorise.
+    for i in 0..m {
         let ac = pc[i] * ilc[i];
         let (oc, doc) = log_odds(ac);
         let (or, dor) = log_odds(pr[i] * ilr[i]);
         let g = logistic(oc - or);
         let k = p.orpo_alpha * g.sig_neg;
-        (
-            -ac + p.orpo_alpha * g.sp_neg,
-            -ilc[i] - k * doc * ilc[i],
-            k * dor * ilr[i],
-        )
-    });
-}
-
-#[inline(always)]
-fn per_side_idx<T: Real>(o: Out<'_, T>, f: impl Fn(usize) -> (T, T, T)) {
-    for i in 0..o.comp.len() {
-        let (l, a, b) = f(i);
-        o.comp[i] = l;
-        o.dcc[i] = a;
-        o.dcr[i] = b;
+        o.comp[i] = -ac + p.orpo_alpha * g.sp_neg;
+        dcc[i] = -ilc[i] - k * doc * ilc[i];
+        dcr[i] = k * dor * ilr[i];
     }
 }
 
 /// Negative log-likelihood of the chosen completion, token mean: `-pi_c / len_c`.
+#[inline(always)]
 pub fn nll<T: Real>(pc: &[T], ilc: &[T], o: Out<'_, T>) {
     let m = o.comp.len();
     let (pc, ilc, dcc, dcr) = (&pc[..m], &ilc[..m], &mut o.dcc[..m], &mut o.dcr[..m]);
@@ -336,17 +350,19 @@ pub fn nll<T: Real>(pc: &[T], ilc: &[T], o: Out<'_, T>) {
 }
 
 /// f-divergence scores `s(u)` and `s'(u)` of the non-default divergences.
+#[inline(always)]
 pub fn alpha_scores<T: Real>(alpha: T, u: &[T], s: &mut [T], ds: &mut [T]) {
     let m = s.len();
     let (u, ds) = (&u[..m], &mut ds[..m]);
     for i in 0..m {
         let x = -(alpha * u[i]);
-        s[i] = -(x.exp_m1() / alpha);
-        ds[i] = x.exp();
+        s[i] = -(x.expm1_fast() / alpha);
+        ds[i] = x.exp_any();
     }
 }
 
 /// Jensen-Shannon scores: `s(u) = log sigma(u)`, `s'(u) = sigma(-u)`.
+#[inline(always)]
 pub fn js_scores<T: Real>(u: &[T], s: &mut [T], ds: &mut [T]) {
     let m = s.len();
     let (u, ds) = (&u[..m], &mut ds[..m]);

@@ -13,3 +13,9 @@ fn _rlox(m: &Bound<'_, PyModule>) -> PyResult<()> {
     data::register(m)?;
     Ok(())
 }
+
+/// Output arrays are Rust vectors handed to numpy. mimalloc keeps freed pages for reuse, so a
+/// steady stream of same-sized batches or loss outputs does not page-fault fresh memory in on
+/// every call (the system allocator returns large blocks to the kernel on free).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
