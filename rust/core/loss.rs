@@ -610,7 +610,8 @@ fn validate<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Res
                         format!("has length {} but there are {n} pairs", l.len()),
                     ));
                 }
-                if let Some(i) = l.iter().position(|&x| x <= 0 || x > i64::from(i32::MAX)) {
+                let bad = |&x: &i64| x <= 0 || x > i64::from(i32::MAX);
+                if let Some(i) = first_where(l, bad) {
                     return Err(RloxError::at(
                         name,
                         i,
@@ -636,7 +637,7 @@ fn validate<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Res
             (NAMES[0], inp.policy_chosen),
             (NAMES[1], inp.policy_rejected),
         ] {
-            if let Some(i) = x.iter().position(|v| v.is_finite() && *v >= T::ZERO) {
+            if let Some(i) = first_where(x, |v: &T| v.is_finite() && *v >= T::ZERO) {
                 return Err(RloxError::at(
                     name,
                     i,
@@ -650,6 +651,19 @@ fn validate<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Res
         }
     }
     Ok(())
+}
+
+/// Index of the first element where `bad` holds: a branch-free parallel scan, then a
+/// sequential search only when something was found.
+fn first_where<X: Sync>(x: &[X], bad: impl Fn(&X) -> bool + Sync) -> Option<usize> {
+    let any = x
+        .par_chunks(CHUNK)
+        .any(|c| c.iter().fold(false, |acc, v| acc | bad(v)));
+    if any {
+        x.iter().position(bad)
+    } else {
+        None
+    }
 }
 
 fn inputs_named<'a, T>(inp: &LossInputs<'a, T>) -> [(&'static str, Option<&'a [T]>); 4] {

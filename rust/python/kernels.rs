@@ -137,40 +137,101 @@ fn float_array<'py>(name: &str, obj: &Bound<'py, PyAny>) -> PyResult<Floats<'py>
 }
 
 /// Results of `dpo_loss`. Arrays have shape `(B,)` and the dtype of the inputs.
-#[pyclass(module = "rlox._rlox", frozen, get_all)]
+#[pyclass(module = "rlox._rlox", frozen)]
 pub struct DPOLossOutput {
     /// Mean loss over pairs.
+    #[pyo3(get)]
     loss: f64,
     /// `(B,)` per-pair losses (in sorted order for `aot` / `aot_unpaired`).
+    #[pyo3(get)]
     losses: Py<PyAny>,
     /// `(B,)` d(mean loss)/d(policy_chosen_logps).
+    #[pyo3(get)]
     grad_chosen: Py<PyAny>,
     /// `(B,)` d(mean loss)/d(policy_rejected_logps).
+    #[pyo3(get)]
     grad_rejected: Py<PyAny>,
-    /// `(B,)` d(mean loss)/d(policy_chosen_logps / chosen_lengths); None without lengths.
-    grad_chosen_avg: Option<Py<PyAny>>,
-    /// `(B,)` d(mean loss)/d(policy_rejected_logps / rejected_lengths); None without lengths.
-    grad_rejected_avg: Option<Py<PyAny>>,
+    /// The int64 completion lengths, when given (for the per-token gradients).
+    lengths: Option<(Py<PyAny>, Py<PyAny>)>,
     /// `(B,)` beta * (policy_chosen_logps - ref_chosen_logps).
+    #[pyo3(get)]
     chosen_rewards: Py<PyAny>,
     /// `(B,)` beta * (policy_rejected_logps - ref_rejected_logps).
+    #[pyo3(get)]
     rejected_rewards: Py<PyAny>,
     /// Fraction of pairs whose chosen reward exceeds the rejected reward.
+    #[pyo3(get)]
     reward_accuracy: f64,
     /// Mean of chosen minus rejected reward.
+    #[pyo3(get)]
     reward_margin: f64,
     /// Mean chosen reward.
+    #[pyo3(get)]
     chosen_reward: f64,
     /// Mean rejected reward.
+    #[pyo3(get)]
     rejected_reward: f64,
     /// Unweighted mean of each loss component by name (`"rpo"` for the rpo_alpha term).
+    #[pyo3(get)]
     component_losses: Py<PyDict>,
     /// The reward shift `bco_pair` used; None for other loss types.
+    #[pyo3(get)]
     bco_delta: Option<f64>,
+}
+
+/// `len * grad` elementwise: the gradient w.r.t. a per-token average `pi / len`.
+fn per_token<'py, T: Real + Element>(
+    py: Python<'py>,
+    grad: &Bound<'py, PyArray1<T>>,
+    len: &[i64],
+) -> Bound<'py, PyAny> {
+    let g = grad.readonly();
+    let g = g.as_slice().expect("contiguous");
+    let v: Vec<T> = g
+        .iter()
+        .zip(len)
+        .map(|(&g, &l)| g * T::from_i64(l))
+        .collect();
+    PyArray1::from_vec(py, v).into_any()
+}
+
+impl DPOLossOutput {
+    fn per_token_grad<'py>(
+        &self,
+        py: Python<'py>,
+        grad: &Py<PyAny>,
+        side: usize,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let Some(lengths) = &self.lengths else {
+            return Ok(None);
+        };
+        let len = if side == 0 { &lengths.0 } else { &lengths.1 };
+        let len = len.bind(py).cast::<PyArray1<i64>>()?.readonly();
+        let len = len.as_slice().expect("contiguous");
+        let grad = grad.bind(py);
+        Ok(Some(match grad.cast::<PyArray1<f32>>() {
+            Ok(g) => per_token(py, g, len),
+            Err(_) => per_token(py, grad.cast::<PyArray1<f64>>()?, len),
+        }))
+    }
 }
 
 #[pymethods]
 impl DPOLossOutput {
+    /// `(B,)` d(mean loss)/d(policy_chosen_logps / chosen_lengths) (computed when read); None
+    /// without lengths.
+    #[getter]
+    fn grad_chosen_avg<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.per_token_grad(py, &self.grad_chosen, 0)
+    }
+
+    /// `(B,)` d(mean loss)/d(policy_rejected_logps / rejected_lengths) (computed when read);
+    /// None without lengths.
+    #[getter]
+    fn grad_rejected_avg<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        self.per_token_grad(py, &self.grad_rejected, 1)
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "DPOLossOutput(loss={:.6}, reward_accuracy={:.4}, reward_margin={:.6})",
@@ -191,11 +252,7 @@ fn run_loss<'py, T: Real + Element>(
 ) -> PyResult<DPOLossOutput> {
     let lens = lengths.map(|l| l.map(|a| a.as_slice().expect("contiguous")));
     let n = arrays[0].expect("policy").len();
-    let count = if lens[0].is_some() && lens[1].is_some() {
-        7
-    } else {
-        5
-    };
+    let count = 5;
     // Outputs are Rust vectors handed to numpy without a copy. (numpy's own allocator asks
     // for transparent huge pages on large arrays, whose synchronous compaction made fresh
     // outputs several times slower to fault in than plain pages.)
@@ -208,8 +265,8 @@ fn run_loss<'py, T: Real + Element>(
         grad_rejected: next().expect("five outputs"),
         chosen_rewards: next().expect("five outputs"),
         rejected_rewards: next().expect("five outputs"),
-        grad_chosen_avg: next(),
-        grad_rejected_avg: next(),
+        grad_chosen_avg: None,
+        grad_rejected_avg: None,
     };
     let inputs = LossInputs {
         policy_chosen: as_slice(arrays[0]).expect("policy"),
@@ -241,8 +298,13 @@ fn run_loss<'py, T: Real + Element>(
         grad_rejected: next().expect("five outputs"),
         chosen_rewards: next().expect("five outputs"),
         rejected_rewards: next().expect("five outputs"),
-        grad_chosen_avg: next(),
-        grad_rejected_avg: next(),
+        lengths: match lengths {
+            [Some(c), Some(r)] => {
+                let (c, r): (&Bound<'py, PyArray1<i64>>, &Bound<'py, PyArray1<i64>>) = (c, r);
+                Some((c.clone().into_any().unbind(), r.clone().into_any().unbind()))
+            }
+            _ => None,
+        },
         reward_accuracy: summary.reward_accuracy,
         reward_margin: summary.reward_margin,
         chosen_reward: summary.chosen_reward,
