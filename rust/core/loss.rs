@@ -1092,16 +1092,20 @@ fn block<T: Real>(
         div_scores(div, p.alpha, &s.ur[..m], &mut s.sr[..m], &mut s.dsr[..m]);
     }
     if cfg.needs(Basis::ScoreV) {
+        let (vc, vr) = (&mut s.vc[..m], &mut s.vr[..m]);
+        let (uc, ur, ilc, ilr) = (&s.uc[..m], &s.ur[..m], &s.ilc[..m], &s.ilr[..m]);
         for i in 0..m {
-            s.vc[i] = s.uc[i] * s.ilc[i];
-            s.vr[i] = s.ur[i] * s.ilr[i];
+            vc[i] = uc[i] * ilc[i];
+            vr[i] = ur[i] * ilr[i];
         }
         if !identity {
             div_scores(div, p.alpha, &s.vc[..m], &mut s.svc[..m], &mut s.dvc[..m]);
             div_scores(div, p.alpha, &s.vr[..m], &mut s.svr[..m], &mut s.dvr[..m]);
+            let (dvc, dvr) = (&mut s.dvc[..m], &mut s.dvr[..m]);
+            let (ilc, ilr) = (&s.ilc[..m], &s.ilr[..m]);
             for i in 0..m {
-                s.dvc[i] = s.dvc[i] * s.ilc[i];
-                s.dvr[i] = s.dvr[i] * s.ilr[i];
+                dvc[i] = dvc[i] * ilc[i];
+                dvr[i] = dvr[i] * ilr[i];
             }
         }
     }
