@@ -76,6 +76,15 @@ class PairBatch:
     skipped: Tensor | None = None  # store indices of pairs dropped by truncation
     num_truncated: int = 0
 
+    def __getattribute__(self, name: str) -> Any:
+        # The collator's numpy arrays become tensors (without a copy) when first read, so a
+        # batch pays only for the fields its consumer uses.
+        value = object.__getattribute__(self, name)
+        if type(value) is np.ndarray:
+            value = torch.from_numpy(value)
+            object.__setattr__(self, name, value)
+        return value
+
     @property
     def num_pairs(self) -> int:
         return int(self.chosen_lengths.shape[0])
@@ -125,12 +134,12 @@ _BATCH_FIELDS = tuple(f.name for f in fields(PairBatch) if f.name != "layout")
 
 
 def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
-    """Wrap the arrays returned by the Rust collator as torch tensors (no copy)."""
+    """Wrap the arrays returned by the Rust collator in a :class:`PairBatch` (tensors on access)."""
     kw: dict[str, Any] = {"layout": layout}
     for name in _BATCH_FIELDS:
         value = arrays.get(name)
         if value is not None:
-            kw[name] = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+            kw[name] = value  # numpy arrays turn into tensors on first access
     if layout != "packed":
         kw["cu_seqlens"] = None
     if layout != "prefix_shared":
