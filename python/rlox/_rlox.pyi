@@ -64,23 +64,9 @@ def dpo_loss(
 ) -> DPOLossOutput:
     """Fused loss, gradients, rewards and metrics over (B,) float32/float64 log-prob arrays."""
 
-def check_loss_options(
-    *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    f_divergence: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
-    reference_free: bool = False,
-    simpo_gamma: float = 0.5,
-    cpo_alpha: float = 1.0,
-    orpo_alpha: float = 0.1,
-    rpo_alpha: float | None = None,
-    discopop_tau: float = 0.05,
-    bco_delta: float | None = None,
-) -> dict[str, Any]:
-    """Validate loss options; returns terms, components, needs_lengths, needs_reference."""
+def check_loss_options(**options: Any) -> dict[str, Any]:
+    """Validate the loss keywords of :func:`dpo_loss`; returns terms, components, needs_lengths,
+    needs_reference."""
 
 def collate_pairs(
     prompt: npt.NDArray[np.integer],

@@ -21,6 +21,26 @@ const CHUNK: usize = 1 << 15;
 /// Pairs per inner block: the scratch of one block stays in L1/L2.
 const BLOCK: usize = 1024;
 
+/// The member of `all` called `name`, else an error on `field` listing the names.
+fn parse_name<T: Copy>(
+    all: &[T],
+    name_of: fn(T) -> &'static str,
+    name: &str,
+    field: &str,
+    what: &str,
+) -> Result<T> {
+    all.iter()
+        .copied()
+        .find(|t| name_of(*t) == name)
+        .ok_or_else(|| {
+            let names: Vec<_> = all.iter().map(|t| name_of(*t)).collect();
+            RloxError::value(
+                field,
+                format!("unknown {what} {name:?}; expected one of {names:?}"),
+            )
+        })
+}
+
 /// A preference loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossType {
@@ -101,16 +121,7 @@ impl LossType {
     }
 
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-                RloxError::value(
-                    "loss_type",
-                    format!("unknown loss type {name:?}; expected one of {names:?}"),
-                )
-            })
+        parse_name(&Self::ALL, Self::name, name, "loss_type", "loss type")
     }
 
     /// Whether the loss needs completion lengths.
@@ -188,16 +199,7 @@ impl FDivergence {
     }
 
     pub fn parse(name: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|t| t.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|t| t.name()).collect();
-                RloxError::value(
-                    "f_divergence",
-                    format!("unknown f-divergence {name:?}; expected one of {names:?}"),
-                )
-            })
+        parse_name(&Self::ALL, Self::name, name, "f_divergence", "f-divergence")
     }
 }
 

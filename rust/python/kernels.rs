@@ -332,28 +332,39 @@ fn optional<'a, 'py>(obj: Option<&'a Bound<'py, PyAny>>) -> Option<&'a Bound<'py
     obj.filter(|o| !o.is_none())
 }
 
-/// Loss options as passed from Python, by keyword.
-struct LossArgs<'a, 'py> {
-    loss_type: Option<&'a Bound<'py, PyAny>>,
-    loss_weights: Option<&'a Bound<'py, PyAny>>,
-    beta: Option<&'a Bound<'py, PyAny>>,
-    label_smoothing: Option<&'a Bound<'py, PyAny>>,
-    f_divergence: Option<&'a Bound<'py, PyAny>>,
-    f_alpha_divergence_coef: Option<&'a Bound<'py, PyAny>>,
-    reference_free: Option<&'a Bound<'py, PyAny>>,
-    simpo_gamma: Option<&'a Bound<'py, PyAny>>,
-    cpo_alpha: Option<&'a Bound<'py, PyAny>>,
-    orpo_alpha: Option<&'a Bound<'py, PyAny>>,
-    rpo_alpha: Option<&'a Bound<'py, PyAny>>,
-    discopop_tau: Option<&'a Bound<'py, PyAny>>,
-    bco_delta: Option<&'a Bound<'py, PyAny>>,
-}
+/// Names of the loss options, in the order [`LossArgs`] holds them.
+const LOSS_KEYS: [&str; 13] = [
+    "loss_type",
+    "loss_weights",
+    "beta",
+    "label_smoothing",
+    "f_divergence",
+    "f_alpha_divergence_coef",
+    "reference_free",
+    "simpo_gamma",
+    "cpo_alpha",
+    "orpo_alpha",
+    "rpo_alpha",
+    "discopop_tau",
+    "bco_delta",
+];
 
-impl LossArgs<'_, '_> {
+/// Loss options as passed from Python, by keyword, in [`LOSS_KEYS`] order.
+struct LossArgs<'a, 'py>([Option<&'a Bound<'py, PyAny>>; 13]);
+
+impl<'py> LossArgs<'_, 'py> {
+    fn get(&self, key: &str) -> Option<&Bound<'py, PyAny>> {
+        let i = LOSS_KEYS
+            .iter()
+            .position(|k| *k == key)
+            .expect("a loss option");
+        optional(self.0[i])
+    }
+
     /// Parse and validate into a [`LossConfig`]; every error names its option.
     fn config(&self) -> PyResult<LossConfig> {
         let d = LossOptions::default();
-        let types = match optional(self.loss_type) {
+        let types = match self.get("loss_type") {
             None => vec![LossType::Sigmoid],
             Some(o) if o.is_instance_of::<pyo3::types::PyString>() => {
                 vec![LossType::parse(&str_arg("loss_type", o)?).map_err(to_py)?]
@@ -372,7 +383,7 @@ impl LossArgs<'_, '_> {
                 types
             }
         };
-        let weights = match optional(self.loss_weights) {
+        let weights = match self.get("loss_weights") {
             None => None,
             Some(o) => {
                 let items = o.try_iter().map_err(|_| {
@@ -388,14 +399,14 @@ impl LossArgs<'_, '_> {
                 Some(w)
             }
         };
-        let reference_free = match optional(self.reference_free) {
+        let reference_free = match self.get("reference_free") {
             None => false,
             Some(o) => o
                 .cast::<pyo3::types::PyBool>()
                 .map_err(|_| to_py(RloxError::type_error("reference_free", "expected a bool")))?
                 .is_true(),
         };
-        let f_divergence = match optional(self.f_divergence) {
+        let f_divergence = match self.get("f_divergence") {
             None => d.f_divergence,
             Some(o) => FDivergence::parse(&str_arg("f_divergence", o)?).map_err(to_py)?,
         };
@@ -408,21 +419,25 @@ impl LossArgs<'_, '_> {
             float_arg(name, optional(o), default)
         };
         let opts = LossOptions {
-            beta: float("beta", self.beta, d.beta)?,
-            label_smoothing: float("label_smoothing", self.label_smoothing, d.label_smoothing)?,
+            beta: float("beta", self.get("beta"), d.beta)?,
+            label_smoothing: float(
+                "label_smoothing",
+                self.get("label_smoothing"),
+                d.label_smoothing,
+            )?,
             f_divergence,
             f_alpha_divergence_coef: float(
                 "f_alpha_divergence_coef",
-                self.f_alpha_divergence_coef,
+                self.get("f_alpha_divergence_coef"),
                 d.f_alpha_divergence_coef,
             )?,
             reference_free,
-            simpo_gamma: float("simpo_gamma", self.simpo_gamma, d.simpo_gamma)?,
-            cpo_alpha: float("cpo_alpha", self.cpo_alpha, d.cpo_alpha)?,
-            orpo_alpha: float("orpo_alpha", self.orpo_alpha, d.orpo_alpha)?,
-            rpo_alpha: opt_float("rpo_alpha", self.rpo_alpha)?,
-            discopop_tau: float("discopop_tau", self.discopop_tau, d.discopop_tau)?,
-            bco_delta: opt_float("bco_delta", self.bco_delta)?,
+            simpo_gamma: float("simpo_gamma", self.get("simpo_gamma"), d.simpo_gamma)?,
+            cpo_alpha: float("cpo_alpha", self.get("cpo_alpha"), d.cpo_alpha)?,
+            orpo_alpha: float("orpo_alpha", self.get("orpo_alpha"), d.orpo_alpha)?,
+            rpo_alpha: opt_float("rpo_alpha", self.get("rpo_alpha"))?,
+            discopop_tau: float("discopop_tau", self.get("discopop_tau"), d.discopop_tau)?,
+            bco_delta: opt_float("bco_delta", self.get("bco_delta"))?,
         };
         LossConfig::new(&types, weights.as_deref(), opts).map_err(to_py)
     }
@@ -468,7 +483,7 @@ fn dpo_loss<'py>(
     discopop_tau: Option<&Bound<'py, PyAny>>,
     bco_delta: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<DPOLossOutput> {
-    let cfg = LossArgs {
+    let cfg = LossArgs([
         loss_type,
         loss_weights,
         beta,
@@ -482,7 +497,7 @@ fn dpo_loss<'py>(
         rpo_alpha,
         discopop_tau,
         bco_delta,
-    }
+    ])
     .config()?;
     let objs = [
         Some(policy_chosen_logps),
@@ -549,52 +564,23 @@ fn collect4<X>(mut it: impl Iterator<Item = X>) -> [X; 4] {
     std::array::from_fn(|_| it.next().expect("four inputs"))
 }
 
-/// Validate loss options without computing anything; returns what the loss needs.
+/// Validate loss options (the keywords of `dpo_loss`) without computing anything; returns
+/// what the loss needs.
 #[pyfunction]
-#[pyo3(
-    signature = (
-        *, beta=None, loss_type=None, loss_weights=None, label_smoothing=None,
-        f_divergence=None, f_alpha_divergence_coef=None, reference_free=None, simpo_gamma=None,
-        cpo_alpha=None, orpo_alpha=None, rpo_alpha=None, discopop_tau=None, bco_delta=None
-    ),
-    text_signature = "(*, beta=0.1, loss_type='sigmoid', loss_weights=None, \
-        label_smoothing=0.0, f_divergence='reverse_kl', f_alpha_divergence_coef=1.0, \
-        reference_free=False, simpo_gamma=0.5, cpo_alpha=1.0, orpo_alpha=0.1, rpo_alpha=None, \
-        discopop_tau=0.05, bco_delta=None)"
-)]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (**options))]
 fn check_loss_options<'py>(
     py: Python<'py>,
-    beta: Option<&Bound<'py, PyAny>>,
-    loss_type: Option<&Bound<'py, PyAny>>,
-    loss_weights: Option<&Bound<'py, PyAny>>,
-    label_smoothing: Option<&Bound<'py, PyAny>>,
-    f_divergence: Option<&Bound<'py, PyAny>>,
-    f_alpha_divergence_coef: Option<&Bound<'py, PyAny>>,
-    reference_free: Option<&Bound<'py, PyAny>>,
-    simpo_gamma: Option<&Bound<'py, PyAny>>,
-    cpo_alpha: Option<&Bound<'py, PyAny>>,
-    orpo_alpha: Option<&Bound<'py, PyAny>>,
-    rpo_alpha: Option<&Bound<'py, PyAny>>,
-    discopop_tau: Option<&Bound<'py, PyAny>>,
-    bco_delta: Option<&Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let cfg = LossArgs {
-        loss_type,
-        loss_weights,
-        beta,
-        label_smoothing,
-        f_divergence,
-        f_alpha_divergence_coef,
-        reference_free,
-        simpo_gamma,
-        cpo_alpha,
-        orpo_alpha,
-        rpo_alpha,
-        discopop_tau,
-        bco_delta,
+    let mut values: [Option<Bound<'py, PyAny>>; 13] = Default::default();
+    for (key, value) in options.into_iter().flatten() {
+        let key: String = key.extract()?;
+        let Some(i) = LOSS_KEYS.iter().position(|k| *k == key) else {
+            return Err(to_py(RloxError::type_error(&key, "unexpected loss option")));
+        };
+        values[i] = Some(value);
     }
-    .config()?;
+    let cfg = LossArgs(values.each_ref().map(Option::as_ref)).config()?;
     let out = PyDict::new(py);
     let terms: Vec<(&str, f64)> = cfg.terms.iter().map(|(t, w)| (t.name(), *w)).collect();
     out.set_item("terms", terms)?;

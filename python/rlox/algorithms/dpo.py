@@ -337,7 +337,8 @@ class DPO:
             ld_alpha=None if ld_alpha is None else float(ld_alpha),
             pad_token_id=pad_token_id,
         )
-        info = check_loss_options(**config.loss_options())
+        self._loss_options = config.loss_options()
+        info = check_loss_options(**self._loss_options)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if ref_model is None:
@@ -421,7 +422,7 @@ class DPO:
                 metrics["chosen_logps"] = policy[:b].double().mean().item()
                 metrics["rejected_logps"] = policy[b:].double().mean().item()
                 return None, metrics
-        options = cfg.loss_options()
+        options = dict(self._loss_options)
         if self._uses_bco:
             options["bco_delta"] = self._bco_delta(policy, ref, b, training)
         if "orpo" in self._components:
