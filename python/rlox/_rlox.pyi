@@ -130,5 +130,14 @@ class PairStore:
     def save(self, path: str) -> list[dict[str, Any]]:
         """Write the token file; returns its sections (name, dtype, offset, count, crc32)."""
 
+class TokenEncoder:
+    """A Hugging Face tokenizer, loaded from its JSON, that encodes batches on all cores."""
+
+    def __init__(self, json: str) -> None: ...
+    def encode(
+        self, texts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+        """Ids of ``texts`` without special tokens: values int32 [T], offsets int64 [n + 1]."""
+
 def crc32(array: npt.NDArray[Any]) -> int:
     """CRC-32 of a contiguous array's bytes."""

@@ -6,9 +6,11 @@ int64 offsets array of length n + 1, so that row i is ``values[offsets[i]:offset
 
 Completion ids are the ids of ``prompt + completion`` after the prompt's own ids, so they are the
 tokens a causal model sees after the prompt; where the tokenizer merges across the boundary (the
-prompt's ids are not a prefix), the completion is tokenized on its own. Batches are encoded by the
-Rust tokenizer on all cores in a worker thread, while the previous batch is split into columns with
-vectorised numpy.
+prompt's ids are not a prefix), the completion is tokenized on its own. Batches are encoded on all
+cores by rlox's Rust encoder (the ``tokenizers`` crate, loaded from the tokenizer's JSON), which
+writes ids straight into flat int32 columns, in a worker thread while the previous batch is split
+into columns with vectorised numpy. A tokenizer that cannot be serialised to JSON (custom Python
+components) is encoded through its own ``encode_batch`` instead.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import tokenizers
 from tqdm.auto import tqdm
+
+from rlox._rlox import TokenEncoder
 
 __all__ = ["TokenizedPairs", "tokenize_preferences"]
 
@@ -80,6 +84,7 @@ class _Encoder:
     eos_id: int | None
     lead: np.ndarray  # int32 [k]: special ids the tokenizer puts before a single sequence
     chat: Any  # the transformers tokenizer (for chat templates), or None
+    fast: TokenEncoder | None  # the Rust encoder, or None when the JSON cannot be loaded
 
 
 @dataclass(frozen=True)
@@ -167,8 +172,8 @@ def tokenize_preferences(
         tqdm(total=n, unit="pair", desc="tokenize", disable=not show_progress) as bar,
         closing(_encode_ahead(enc, jobs)) as encoded,
     ):
-        for job, encodings in encoded:
-            batches.append(_assemble(enc, job, encodings, add_eos and not conversational))
+        for job, ids in encoded:
+            batches.append(_assemble(enc, job, ids, add_eos and not conversational))
             bar.update(len(job.prompt_texts))
 
     non_prefix = sum(b.non_prefix for b in batches)
@@ -212,7 +217,15 @@ def _resolve_tokenizer(tokenizer: Any) -> _Encoder:
         backend = tokenizers.Tokenizer.from_str(backend.to_str())
         backend.no_truncation()
         backend.no_padding()
-    return _Encoder(backend, eos_id, _leading_special_ids(backend), chat)
+    return _Encoder(backend, eos_id, _leading_special_ids(backend), chat, _rust_encoder(backend))
+
+
+def _rust_encoder(backend: tokenizers.Tokenizer) -> TokenEncoder | None:
+    """The Rust encoder of ``backend``, or None when its JSON cannot be produced or loaded."""
+    try:
+        return TokenEncoder(backend.to_str())
+    except Exception:
+        return None
 
 
 def _guess_eos(tokenizer: tokenizers.Tokenizer) -> int | None:
@@ -233,14 +246,12 @@ def _leading_special_ids(backend: tokenizers.Tokenizer) -> np.ndarray:
     return np.empty(0, np.int32)
 
 
-def _encode(enc: _Encoder, texts: list[str]) -> list[tokenizers.Encoding]:
+def _encode(enc: _Encoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of ``texts`` without special tokens: values int32 [T] and offsets int64 [m + 1]."""
+    if enc.fast is not None:
+        return enc.fast.encode(texts)
     encode = getattr(enc.backend, "encode_batch_fast", enc.backend.encode_batch)
-    return encode(texts, add_special_tokens=False)
-
-
-def _flatten(encodings: list[tokenizers.Encoding]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids of ``encodings`` as values int32 [T] and offsets int64 [m + 1]."""
-    ids = [e.ids for e in encodings]
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     offsets = np.zeros(len(ids) + 1, np.int64)
     np.cumsum(np.fromiter(map(len, ids), np.int64, count=len(ids)), out=offsets[1:])
     try:
@@ -252,14 +263,14 @@ def _flatten(encodings: list[tokenizers.Encoding]) -> tuple[np.ndarray, np.ndarr
 
 def _encode_ahead(
     enc: _Encoder, jobs: Iterable[_Job]
-) -> Iterator[tuple[_Job, list[tokenizers.Encoding]]]:
-    """Yield each job with its encodings, encoding the next job in a worker thread meanwhile.
+) -> Iterator[tuple[_Job, tuple[np.ndarray, np.ndarray]]]:
+    """Yield each job with its ids, encoding the next job in a worker thread meanwhile.
 
-    The tokenizer releases the GIL while encoding, so preparing the next job's texts and assembling
+    The encoder releases the GIL while encoding, so preparing the next job's texts and assembling
     the previous job's columns overlap with encoding.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending: tuple[_Job, Future[list[tokenizers.Encoding]]] | None = None
+        pending: tuple[_Job, Future[tuple[np.ndarray, np.ndarray]]] | None = None
         for job in jobs:
             texts = [*job.prompt_texts, *job.full_texts[0], *job.full_texts[1]]
             future = pool.submit(_encode, enc, texts)
@@ -487,11 +498,11 @@ def _render(chat: Any, convs: list[list[Any]], field: str, first: int, **kwargs:
 
 
 def _assemble(
-    enc: _Encoder, job: _Job, encodings: list[tokenizers.Encoding], add_eos: bool
+    enc: _Encoder, job: _Job, encoded: tuple[np.ndarray, np.ndarray], add_eos: bool
 ) -> _Batch:
-    """Split a batch's full encodings into prompt and completion ids (b rows)."""
+    """Split a batch's ids (prompts, then prompt + chosen, then prompt + rejected) into columns."""
     b, first = len(job.prompt_texts), job.first
-    values, offsets = _flatten(encodings)
+    values, offsets = encoded
     lengths = np.diff(offsets)
     lp, lf = lengths[:b], lengths[b:].reshape(2, b)
     if (empty := np.flatnonzero(lp == 0)).size:
@@ -512,7 +523,7 @@ def _assemble(
     if not ok.all():
         sides, rows = np.nonzero(~ok)
         alone = [job.completion_text(int(s), int(j)) for s, j in zip(sides, rows, strict=True)]
-        alone_values, alone_offsets = _flatten(_encode(enc, alone))
+        alone_values, alone_offsets = _encode(enc, alone)
         starts[sides, rows] = values.size + alone_offsets[:-1]
         counts[sides, rows] = np.diff(alone_offsets)
         src = np.concatenate([values, alone_values])

@@ -8,3 +8,4 @@ pub mod loss;
 pub mod plan;
 pub mod store;
 pub mod terms;
+pub mod tokenize;

@@ -3,6 +3,7 @@
 mod data;
 mod errors;
 mod kernels;
+mod text;
 
 use pyo3::prelude::*;
 
@@ -11,6 +12,7 @@ fn _rlox(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     kernels::register(m)?;
     data::register(m)?;
+    text::register(m)?;
     Ok(())
 }
 
