@@ -332,14 +332,13 @@ def collation(
 
     out["kernel"] = timed(kernel_only, repeats) / n
     out["packed4096"] = timed(lambda: rust_epoch(ds, "packed", PACK_LENGTH), repeats) / n
-    t0 = time.perf_counter()
-    for idx in plan:
-        numpy_collate(cols, idx, MAX_LENGTH)
-    out["numpy"] = (time.perf_counter() - t0) / n
-    t0 = time.perf_counter()
-    for idx in plan:
-        numpy_collate(cols, idx, MAX_LENGTH, full=True)
-    out["numpy_full"] = (time.perf_counter() - t0) / n
+
+    def numpy_epoch(full: bool) -> None:
+        for idx in plan:
+            numpy_collate(cols, idx, MAX_LENGTH, full=full)
+
+    out["numpy"] = timed(lambda: numpy_epoch(False), repeats) / n
+    out["numpy_full"] = timed(lambda: numpy_epoch(True), repeats) / n
     rng = np.random.default_rng(1)
     order = rng.permutation(len(plan))
     sizes = np.diff(plan.offsets)[order]
@@ -451,8 +450,8 @@ def report(res: dict[str, dict[str, Any]], n: int) -> None:
         ("rust plan + collate packed", "packed", False),
         ("rust plan + collate prefix_shared", "prefix_shared", False),
         (f"rust plan + collate packed, rows {PACK_LENGTH}", "packed4096", False),
-        ("numpy vectorised padded (1 run)", "numpy", False),
-        ("  + plan, sequence ids, lengths (1 run)", "numpy_full", False),
+        ("numpy vectorised padded", "numpy", False),
+        ("  + plan, sequence ids, lengths", "numpy_full", False),
         ("python TRL-style padded (1 run)", "python", True),
         ("rust collate padded, same batches (1 run)", "rust_subset", True),
     ]
@@ -475,7 +474,8 @@ def report(res: dict[str, dict[str, Any]], n: int) -> None:
         "python: per example Python lists, one torch.tensor per sequence, pad_sequence, reading "
         "each row as Python lists as a datasets row would; timed on a random subset of the same "
         "batches and extrapolated per pair. rust collates with rayon on 2 threads, numpy is "
-        "single-threaded. rust times include planning the epoch, except the Rust call alone."
+        "single-threaded. rust times include planning the epoch, except the Rust call alone; rust and "
+        "numpy epochs are the median of the repeats."
     )
     for name in PROFILES:
         c = res[name]["collate"]

@@ -9,11 +9,12 @@ gather plan; and split into length-grouped, deterministic, rank-sharded batches.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -130,21 +131,26 @@ def dense_attention_mask(batch: PairBatch) -> Tensor:
     return mask[:, None]
 
 
-_BATCH_FIELDS = tuple(f.name for f in fields(PairBatch) if f.name != "layout")
+_BATCH_DEFAULTS = {
+    f.name: None if f.default is MISSING else f.default
+    for f in fields(PairBatch)
+    if f.name != "layout"
+}
 
 
 def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
     """Wrap the arrays returned by the Rust collator in a :class:`PairBatch` (tensors on access)."""
-    kw: dict[str, Any] = {"layout": layout}
-    for name in _BATCH_FIELDS:
-        value = arrays.get(name)
-        if value is not None:
-            kw[name] = value  # numpy arrays turn into tensors on first access
+    kw = {name: arrays.get(name, default) for name, default in _BATCH_DEFAULTS.items()}
+    kw["layout"] = layout
     if layout != "packed":
         kw["cu_seqlens"] = None
     if layout != "prefix_shared":
         kw["segment_ends"] = None
-    return PairBatch(**kw)
+    # Every field is given, so fill the frozen instance directly (its __init__ costs about as
+    # much again for ~20 fields); numpy arrays turn into tensors on first access.
+    batch = object.__new__(PairBatch)
+    batch.__dict__.update(kw)
+    return batch
 
 
 class PairLengths(NamedTuple):
@@ -304,6 +310,9 @@ class PreferenceDataset:
         self._calls = 0
         arrays = store.arrays()
         self._arrays = dict(zip(_ARRAYS, arrays, strict=True))
+        self._directory: Path | None = path
+        # Per-pair reference log-probs by cache key (see DPO.precompute_reference).
+        self._reference_logps: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -447,6 +456,7 @@ class PreferenceDataset:
         finally:
             for f in (tmp_data, tmp_meta):
                 f.unlink(missing_ok=True)
+        self._directory = path.resolve()
         return path
 
     @classmethod
@@ -524,6 +534,7 @@ class PreferenceDataset:
         if len(store) != meta["num_pairs"]:
             raise ValueError(f"path: {meta_file} is corrupted (pair count mismatch)")
         dataset = cls(store, path=path.resolve() if mmap else None)
+        dataset._directory = path.resolve()
         if mmap:
             dataset._mapping = getattr(raw, "_mmap", None)
             dataset._max_resident = max_resident
@@ -586,6 +597,26 @@ class PreferenceDataset:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
             yield self[i]
+
+    @property
+    def directory(self) -> Path | None:
+        """The directory this store was last saved to or loaded from, else None."""
+        return self._directory
+
+    def fingerprint(self) -> str:
+        """Hex digest of the pairs' token ids, independent of the storage dtype and offset base.
+
+        Hashes the CRC-32 of each column's row lengths and of its ids as int64, in chunks.
+        """
+        digest = hashlib.sha256(str(len(self)).encode())
+        for c in _COLUMNS:
+            off = self._arrays[f"{c}_offsets"]
+            values = self._arrays[f"{c}_values"][off[0] : off[-1]] if len(off) else off[:0]
+            digest.update(b"%d|" % _rlox.crc32(np.diff(off)))
+            for start in range(0, len(values), 1 << 22):
+                chunk = np.ascontiguousarray(values[start : start + (1 << 22)], dtype=np.int64)
+                digest.update(b"%d|" % _rlox.crc32(chunk))
+        return digest.hexdigest()
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -664,8 +695,10 @@ class PreferenceDataset:
         left with no completion token on either side is skipped (reported in ``skipped``), never
         scored as zero. ``max_length=None`` disables truncation.
         """
+        if not (type(indices) is np.ndarray and indices.dtype == np.int64 and indices.ndim == 1):
+            indices = _indices(indices)  # the store counts negative indices from the end
         out = self._store.collate(
-            _indices(indices, len(self)),
+            indices,
             layout=layout,
             max_length=max_length,
             max_prompt_length=max_prompt_length,

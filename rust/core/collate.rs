@@ -413,6 +413,14 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             }
         }
     }
+    // Pairs sit at random places of a large store: start every cache miss now, all at once,
+    // instead of one at a time as the fill loop reaches each segment.
+    for (p, c) in &kept {
+        let (pr, ch, rj) = slices(&(*p, *c));
+        pr.prefetch();
+        ch.prefetch();
+        rj.prefetch();
+    }
     let rows = row_pieces.len();
     let fill = |p: &Piece<'_>| {
         let prompt = if p.shared_prompt_end.is_some() {

@@ -43,6 +43,23 @@ impl<'a> Ints<'a> {
     }
 
     /// Write the values into `dst` (same length) as `i64`.
+    /// Ask the CPU to start loading these ids into cache (a hint; no effect on results).
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let (ptr, bytes) = match self {
+                Ints::I32(v) => (v.as_ptr().cast::<i8>(), std::mem::size_of_val(*v)),
+                Ints::I64(v) => (v.as_ptr().cast::<i8>(), std::mem::size_of_val(*v)),
+            };
+            for off in (0..bytes).step_by(64) {
+                // SAFETY: `off < bytes`, so the address lies inside the borrowed slice; a
+                // prefetch never faults and does not change memory.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(off)) };
+            }
+        }
+    }
+
     pub fn write_to(&self, dst: &mut [std::mem::MaybeUninit<i64>]) {
         match self {
             Ints::I32(v) => dst.iter_mut().zip(*v).for_each(|(d, &s)| {
@@ -273,6 +290,8 @@ impl<'a> PairColumns<'a> {
     pub fn pairs(&self, indices: &[i64], ids: Option<Option<i64>>) -> Result<Vec<PairRef<'a>>> {
         let n = self.len();
         let get = |(k, &i): (usize, &i64)| {
+            // Negative indices count from the end, as in Python.
+            let i = if i < 0 { i.wrapping_add(n as i64) } else { i };
             if i < 0 || i as u64 >= n as u64 {
                 return Err(RloxError::at(
                     "indices",
