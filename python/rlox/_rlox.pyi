@@ -134,9 +134,7 @@ class TokenEncoder:
     """A Hugging Face tokenizer, loaded from its JSON, that encodes batches on all cores."""
 
     def __init__(self, json: str) -> None: ...
-    def encode(
-        self, texts: Sequence[str]
-    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
+    def encode(self, texts: Sequence[str]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
         """Ids of ``texts`` without special tokens: values int32 [T], offsets int64 [n + 1]."""
 
 def crc32(array: npt.NDArray[Any]) -> int:

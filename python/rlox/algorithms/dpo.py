@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import inspect
 import json
 import math
+import os
+import sys
+import time
+import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from rlox import __version__, _rlox
-from rlox.data import PairBatch, batch_from_arrays
+from rlox.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from rlox.data import PairBatch, PreferenceDataset, batch_from_arrays
 from rlox.losses import LOSS_DEFAULTS, check_loss_options, dpo_loss
+from rlox.tracking import MetricsWriter, format_record, make_record
 
 _METRICS = (
     "loss",
@@ -125,8 +135,22 @@ def _as_logits(out: Any) -> Tensor:
     )
 
 
+def _is_peft(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` (it can run with its adapters disabled)."""
+    return callable(getattr(model, "get_base_model", None)) and callable(
+        getattr(model, "disable_adapter", None)
+    )
+
+
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) of a Hugging Face causal LM whose logits are lm_head(last hidden)."""
+    if _is_peft(model):
+        # LoRA-style adapters live inside the wrapped model; prompt learning adds virtual tokens
+        # in PeftModel.forward, which must then run in full.
+        configs = getattr(model, "peft_config", {}) or {}
+        if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
+            return None
+        return _split_head(model.get_base_model())
     base = getattr(model, "base_model", None)
     get_head = getattr(model, "get_output_embeddings", None)
     config = getattr(model, "config", None)
@@ -190,6 +214,7 @@ def sequence_logps(
     accepted: frozenset[str] | None = None,
     *,
     ld_alpha: float | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Tensor:
     """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens.
 
@@ -197,14 +222,20 @@ def sequence_logps(
     Only the logits that predict completion tokens are normalised (the gather plan); with
     ``rlox.models.TinyCausalLM`` and Hugging Face causal LMs the LM head itself runs only there.
     With ``ld_alpha`` (LD-DPO, Liu et al. 2024) tokens beyond the shorter completion of each pair
-    count with weight ``ld_alpha``.
+    count with weight ``ld_alpha``. ``autocast`` (e.g. ``torch.bfloat16``) runs the model's
+    forward under ``torch.autocast``; the log-softmax and sums stay in float32.
     """
     if accepted is None:
         accepted = _accepted_kwargs(model)
     device = next(model.parameters()).device
     batch = batch.to(device)
     b = batch.num_pairs
-    picked = _plan_logits(model, batch, accepted).float()
+    if autocast is None:
+        picked = _plan_logits(model, batch, accepted).float()
+    else:
+        with torch.autocast(device_type=device.type, dtype=autocast):
+            picked = _plan_logits(model, batch, accepted)
+        picked = picked.float()
     vocab = picked.shape[-1]
     if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
         raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
@@ -256,6 +287,190 @@ class DPOConfig:
         return opts
 
 
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+_AUTOCAST = {None: None, "bf16": torch.bfloat16}
+# fit() arguments that fix the data order and the optimizer's shape: resuming needs them unchanged.
+_RESUME_STRICT = (
+    "batch_size",
+    "max_tokens",
+    "layout",
+    "max_length",
+    "max_prompt_length",
+    "truncation",
+    "pack_length",
+    "pad_to_multiple_of",
+    "seed",
+    "gradient_accumulation_steps",
+    "world_size",
+    "weight_decay",
+)
+# fit() arguments that may change on resume (the run then differs from an uninterrupted one).
+_RESUME_LOOSE = ("epochs", "max_steps", "lr_scheduler", "warmup_steps", "mixed_precision")
+_REFERENCE_DIR = "reference_logps"
+_REFERENCE_FORMAT = "rlox-reference-logps"
+
+
+def schedule_factor(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of update ``s`` (0-based), for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Warm-up: update ``s < warmup_steps`` uses ``(s + 1) / warmup_steps``. Then, with
+    ``p = (s - warmup_steps) / (total_steps - warmup_steps)``: ``"constant"`` 1, ``"linear"``
+    ``1 - p``, ``"cosine"`` ``(1 + cos(pi p)) / 2``.
+    """
+    if kind not in LR_SCHEDULERS:
+        raise ValueError(f"lr_scheduler: expected one of {LR_SCHEDULERS}, got {kind!r}")
+    span = max(1, total_steps - warmup_steps)
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        p = min(1.0, (s - warmup_steps) / span)
+        if kind == "linear":
+            return 1.0 - p
+        return 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return factor
+
+
+@dataclass
+class FitResult:
+    """Summary of :meth:`DPO.fit`.
+
+    ``steps`` counts optimizer steps of the run (skipped ones included, and those before a
+    resume); ``epochs`` the epochs done (fractional); ``metrics`` the pair-weighted train
+    metrics of the last logging window; ``eval`` the last evaluation (or None); ``checkpoint``
+    the last checkpoint written (or None).
+    """
+
+    steps: int
+    epochs: float
+    skipped: int
+    metrics: dict[str, float]
+    eval: dict[str, float] | None
+    checkpoint: Path | None
+    seconds: float
+
+
+class ReferenceLogps(NamedTuple):
+    """Reference log-prob sums of every pair of a dataset (see :meth:`DPO.precompute_reference`)."""
+
+    chosen: np.ndarray
+    """(n,) float64; NaN for pairs that truncation drops."""
+    rejected: np.ndarray
+    """(n,) float64."""
+    key: dict[str, Any]
+    """What the values depend on: reference weights, data, truncation settings, ld_alpha."""
+    path: Path | None
+    """The ``.npy`` file next to the store, or None for an in-memory dataset."""
+
+
+class _CachedReference:
+    """Reads a batch's (2B,) reference log-probs from per-pair cached values."""
+
+    def __init__(self, logps: np.ndarray) -> None:
+        self.logps = torch.from_numpy(np.ascontiguousarray(logps, dtype=np.float64))
+
+    def __call__(self, batch: PairBatch) -> Tensor:
+        if batch.pair_index is None:
+            raise ValueError("batch: cached reference log-probs need batches from dataset.collate")
+        idx = batch.pair_index.cpu()
+        return torch.cat([self.logps[0, idx], self.logps[1, idx]]).float()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a ``DistributedDataParallel`` wrapper, else ``model``."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return model.module if isinstance(model, ddp) else model
+
+
+def _dist() -> Any:
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of floats over all ranks; unchanged without torch.distributed."""
+    dist = _dist()
+    if dist is None:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def weights_digest(module: nn.Module, *, frozen_only: bool = False) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``module``'s parameters and buffers.
+
+    ``frozen_only`` skips parameters with ``requires_grad`` (a peft model's adapters).
+    """
+    digest = hashlib.sha256()
+    named = [*module.named_parameters(remove_duplicate=False)]
+    named += module.named_buffers(remove_duplicate=False)
+    for name, t in named:
+        if frozen_only and isinstance(t, nn.Parameter) and t.requires_grad:
+            continue
+        data = t.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _check_count(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def _check_dataset(name: str, dataset: Any) -> None:
+    if not isinstance(dataset, PreferenceDataset):
+        raise TypeError(f"{name}: expected a PreferenceDataset, got {type(dataset).__name__}")
+
+
+class _Window:
+    """Pair-weighted train metrics over the optimizer steps since the last log line."""
+
+    def __init__(self) -> None:
+        self.pairs = 0.0
+        self.sums: dict[str, float] = {}
+        self.grad = 0.0
+        self.steps = 0
+        self.skipped = 0
+        self.lr = math.nan
+
+    def add(self, m: dict[str, float]) -> None:
+        self.lr = m["lr"]
+        if m["skipped"]:
+            self.skipped += 1
+            return
+        n = m["num_pairs"]
+        self.pairs += n
+        self.steps += 1
+        self.grad += m["grad_norm"]
+        for k, v in m.items():
+            if k in _METRICS or k.startswith("loss_"):
+                self.sums[k] = self.sums.get(k, 0.0) + v * n
+
+    def metrics(self) -> dict[str, float]:
+        out = {k: v / self.pairs for k, v in self.sums.items()} if self.pairs else {}
+        out["grad_norm"] = self.grad / self.steps if self.steps else math.nan
+        out["lr"] = self.lr
+        out["skipped"] = self.skipped
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.steps or self.skipped)
+
+
 class DPO:
     """Direct Preference Optimization of ``model`` against a frozen ``ref_model``.
 
@@ -266,10 +481,12 @@ class DPO:
     Args:
         model: the policy; ``model(input_ids) -> logits (B, T, V)`` or an object with ``.logits``
             (Hugging Face causal LMs). ``attention_mask`` / ``position_ids`` are passed when its
-            forward accepts them.
+            forward accepts them. May be wrapped in ``DistributedDataParallel`` by the caller.
         ref_model: a frozen copy of the initial policy; set to eval mode and ``requires_grad=False``.
             May be None when the loss needs no reference (``simpo``, ``cpo``, ``orpo``, ``sft``
-            or ``reference_free=True``).
+            or ``reference_free=True``), when ``model`` is a peft ``PeftModel`` (the reference is
+            then ``model`` with its adapters disabled, in eval mode, under ``torch.no_grad()``),
+            or with ``precomputed_reference=True``.
         beta: KL-penalty strength; implicit reward is ``beta * (policy - ref)``.
         learning_rate: Adam learning rate (ignored when ``optimizer`` is given).
         max_grad_norm: clip the global gradient norm to this value (``None``: no clipping).
@@ -283,6 +500,9 @@ class DPO:
             (``None``: 1), applied where log-probs are summed, so in every layout.
         pad_token_id: id of padding in the input matrices (``None``: no padding).
         optimizer: a ready optimizer over ``model``'s parameters; Adam by default.
+        precomputed_reference: without ``ref_model``, read the reference log-probs that
+            :meth:`precompute_reference` stored with each dataset given to :meth:`fit` /
+            :meth:`evaluate`.
     """
 
     def __init__(
@@ -307,6 +527,7 @@ class DPO:
         ld_alpha: float | None = None,
         pad_token_id: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
+        precomputed_reference: bool = False,
     ) -> None:
         if not isinstance(loss_type, str) and isinstance(loss_type, list | tuple):
             loss_type = tuple(loss_type)
@@ -341,11 +562,14 @@ class DPO:
         info = check_loss_options(**self._loss_options)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        needs_reference = bool(info["needs_reference"])
+        peft_reference = ref_model is None and needs_reference and _is_peft(_unwrap(model))
         if ref_model is None:
-            if info["needs_reference"]:
+            if needs_reference and not (peft_reference or precomputed_reference):
                 raise ValueError(
                     f"ref_model: loss_type {loss_type!r} compares the policy with a reference; "
-                    "pass a frozen copy of the model (or reference_free=True)"
+                    "pass a frozen copy of the model (or reference_free=True, a peft model, "
+                    "or precomputed_reference=True with DPO.precompute_reference)"
                 )
         elif not isinstance(ref_model, nn.Module):
             raise TypeError(
@@ -374,20 +598,30 @@ class DPO:
         # The reference is not needed (and not run) when every term is reference-free.
         self.ref_model = (
             ref_model.eval().requires_grad_(False)
-            if ref_model is not None and info["needs_reference"]
+            if ref_model is not None and needs_reference
             else None
         )
+        self.precomputed_reference = bool(precomputed_reference)
+        self._needs_reference = needs_reference
+        self._peft_reference = peft_reference
+        self._owns_optimizer = optimizer is None
+        self._weight_decay = 0.0
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
         self.global_step = 0
         self.skipped_steps = 0
         self.vocab_size = model_vocab_size(model)
         self._policy_kwargs = _accepted_kwargs(model)
-        self._ref_kwargs = _accepted_kwargs(ref_model) if self.ref_model is not None else None
+        self._inner_kwargs = _accepted_kwargs(_unwrap(model))
+        if self.ref_model is not None:
+            self._ref_kwargs: frozenset[str] | None = _accepted_kwargs(self.ref_model)
+        else:
+            self._ref_kwargs = self._inner_kwargs if peft_reference else None
         self._components = tuple(info["components"])
         self._uses_bco = any(t == "bco_pair" for t, _ in info["terms"])
         # Running mean of the rewards (BCO's shift): sum and count of all rewards seen in training.
         self.bco_reward_sum = 0.0
         self.bco_reward_count = 0
+        self._autocast: torch.dtype | None = None
 
     def collate(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         """Re-pack id matrices with this trainer's ``pad_token_id`` (see :func:`collate_pairs`)."""
@@ -399,29 +633,74 @@ class DPO:
             vocab_size=self.vocab_size,
         )
 
-    def _loss(
-        self, batch: PairBatch, *, training: bool = False
-    ) -> tuple[Tensor | None, dict[str, float]]:
-        """The differentiable loss and the metrics; the loss is None when log-probs are not finite.
+    # ------------------------------------------------------------------ losses
+    def _has_live_reference(self) -> bool:
+        return self.ref_model is not None or self._peft_reference
 
-        ``training`` folds the batch's rewards into the running BCO shift.
+    def _reference_logps(self, batch: PairBatch) -> Tensor:
+        """(2B,) float32 reference log-probs from the reference model or the adapter-free policy."""
+        ld_alpha, autocast = self.config.ld_alpha, self._autocast
+        if self.ref_model is not None:
+            with torch.no_grad():
+                return sequence_logps(
+                    self.ref_model, batch, self._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
+                )
+        if self._peft_reference:
+            model = _unwrap(self.model)
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+            try:
+                with model.disable_adapter(), torch.no_grad():
+                    return sequence_logps(
+                        model, batch, self._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
+                    )
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+        raise ValueError(
+            "ref_model: this trainer has no reference model; its reference log-probs are read "
+            "from DPO.precompute_reference caches, which only fit() and evaluate() use"
+        )
+
+    def _loss(
+        self,
+        batch: PairBatch,
+        *,
+        training: bool = False,
+        ref: Tensor | None = None,
+        nan_loss: bool = False,
+    ) -> tuple[Tensor | None, dict[str, float]]:
+        """The differentiable loss and the metrics.
+
+        ``training`` folds the batch's rewards into the running BCO shift and runs the policy as
+        given (a ``DistributedDataParallel`` wrapper included); otherwise the wrapped module
+        runs. ``ref``: precomputed (2B,) reference log-probs. When log-probs are not finite the
+        loss is None, or with ``nan_loss`` a NaN loss that still back-propagates (so that all
+        ranks of a distributed run take part in the gradient reduction).
         """
         b = batch.num_pairs
         cfg = self.config
-        policy = sequence_logps(self.model, batch, self._policy_kwargs, ld_alpha=cfg.ld_alpha)
+        model, kwargs = (
+            (self.model, self._policy_kwargs)
+            if training
+            else (_unwrap(self.model), self._inner_kwargs)
+        )
+        policy = sequence_logps(
+            model, batch, kwargs, ld_alpha=cfg.ld_alpha, autocast=self._autocast
+        )
         with torch.no_grad():
-            ref = None
+            if ref is None and self._needs_reference:
+                ref = self._reference_logps(batch)
+            if ref is not None:
+                ref = ref.to(device=policy.device, dtype=policy.dtype)
             finite = torch.isfinite(policy).all()
-            if self.ref_model is not None:
-                ref = sequence_logps(
-                    self.ref_model, batch, self._ref_kwargs, ld_alpha=cfg.ld_alpha
-                ).to(policy.device)
+            if ref is not None:
                 finite &= torch.isfinite(ref).all()
-            if not bool(finite):
-                metrics = dict.fromkeys(_METRICS, math.nan)
-                metrics["chosen_logps"] = policy[:b].double().mean().item()
-                metrics["rejected_logps"] = policy[b:].double().mean().item()
-                return None, metrics
+        if not bool(finite):
+            metrics = dict.fromkeys(_METRICS, math.nan)
+            metrics["chosen_logps"] = policy[:b].detach().double().mean().item()
+            metrics["rejected_logps"] = policy[b:].detach().double().mean().item()
+            return (policy.sum() * math.nan if nan_loss else None), metrics
         options = dict(self._loss_options)
         if self._uses_bco:
             options["bco_delta"] = self._bco_delta(policy, ref, b, training)
@@ -454,6 +733,10 @@ class DPO:
             for name, value in res.component_losses.items():
                 metrics[f"loss_{name}"] = float(value)
         return res.loss, metrics
+
+    def _metric_keys(self) -> tuple[str, ...]:
+        extra = tuple(f"loss_{c}" for c in self._components) if len(self._components) > 1 else ()
+        return _METRICS + extra
 
     def _bco_delta(self, policy: Tensor, ref: Tensor | None, b: int, training: bool) -> float:
         """BCO's reward shift: the running mean of all rewards, including this batch's when training."""
@@ -518,11 +801,7 @@ class DPO:
         grad_norm = math.nan
         if loss is not None:
             loss.backward()
-            params = [
-                p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None
-            ]
-            max_norm = self.config.max_grad_norm or math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = self._clip_gradients()
         skipped = not (math.isfinite(grad_norm) and math.isfinite(metrics["loss"]))
         if skipped:
             self.skipped_steps += 1
@@ -539,18 +818,687 @@ class DPO:
         metrics["skipped"] = float(skipped)
         return metrics
 
+    def _clip_gradients(self) -> float:
+        """Clip the global gradient norm to ``max_grad_norm``; return the norm before clipping."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return math.nan
+        max_norm = self.config.max_grad_norm or math.inf
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    # ------------------------------------------------------------------ training runs
+    def _configure_optimizer(self, weight_decay: float) -> None:
+        """Use AdamW (decay on >= 2-D parameters only) when ``weight_decay`` > 0, else Adam."""
+        if not self._owns_optimizer:
+            if weight_decay:
+                raise ValueError(
+                    "weight_decay: this trainer was given its optimizer; set weight decay there"
+                )
+            return
+        if weight_decay == self._weight_decay:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = self.config.learning_rate
+        if weight_decay:
+            groups = [
+                {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            ]
+            new: torch.optim.Optimizer = torch.optim.AdamW(
+                [g for g in groups if g["params"]], lr=lr
+            )
+        else:
+            new = torch.optim.Adam(params, lr=lr)
+        for p, state in self.optimizer.state.items():
+            new.state[p] = state
+        self.optimizer = new
+        self._weight_decay = float(weight_decay)
+
+    def _fit_step(
+        self, batches: list[PairBatch], reference: _CachedReference | None, step: int
+    ) -> dict[str, float]:
+        """One optimizer step over the micro-batches ``batches`` (gradient accumulation).
+
+        Each micro-batch's mean loss is weighted by ``n_i / N`` (``N``: the pairs of the whole
+        step over all ranks), so the update equals that of one batch of their union. Returns
+        the step's pair-weighted metrics plus ``grad_norm``, ``skipped``, ``lr``, ``num_pairs``.
+        """
+        device = next(self.model.parameters()).device
+        _, world = _rank_world()
+        live = [b for b in batches if b.num_pairs]
+        (total,) = _all_reduce([float(sum(b.num_pairs for b in live))], device)
+        keys = self._metric_keys()
+        sums = dict.fromkeys(keys, 0.0)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
+        for i, batch in enumerate(live):
+            last = i == len(live) - 1
+            with contextlib.nullcontext() if last or not ddp else self.model.no_sync():
+                ref = reference(batch) if reference is not None else None
+                loss, metrics = self._loss(batch, training=True, ref=ref, nan_loss=True)
+                assert loss is not None
+                (loss * (batch.num_pairs * world / total)).backward()
+            for k in keys:
+                sums[k] += metrics.get(k, math.nan) * batch.num_pairs
+        grad_norm = self._clip_gradients() if live else math.nan
+        bad_here = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+        *sums_all, bad_ranks = _all_reduce([*(sums[k] for k in keys), float(bad_here)], device)
+        bad = total == 0 or bad_ranks > 0
+        if bad:
+            self.skipped_steps += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            reason = (
+                "every pair was dropped by truncation"
+                if total == 0
+                else "non-finite loss or gradient"
+            )
+            warnings.warn(
+                f"step {step + 1}: {reason}; update skipped", RuntimeWarning, stacklevel=3
+            )
+        else:
+            self.optimizer.step()
+            self.global_step += 1
+        out = {k: (v / total if total else math.nan) for k, v in zip(keys, sums_all, strict=True)}
+        out.update(grad_norm=grad_norm, skipped=float(bad), lr=lr, num_pairs=total)
+        return out
+
+    def fit(
+        self,
+        train_dataset: PreferenceDataset,
+        eval_dataset: PreferenceDataset | None = None,
+        *,
+        epochs: int = 1,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        layout: str = "padded",
+        max_length: int | None = 1024,
+        max_prompt_length: int | None = None,
+        truncation: str = "keep_end",
+        pack_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        gradient_accumulation_steps: int = 1,
+        lr_scheduler: str = "constant",
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        mixed_precision: str | None = None,
+        seed: int = 0,
+        log_every: int | None = 10,
+        eval_every: int | None = None,
+        save_every: int | None = None,
+        save_total_limit: int | None = 3,
+        output_dir: str | os.PathLike[str] | None = None,
+        resume_from: str | os.PathLike[str] | None = None,
+        max_consecutive_skips: int | None = 10,
+        progress: bool = True,
+        max_steps: int | None = None,
+        callback: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> FitResult:
+        """Train on ``train_dataset`` for ``epochs`` epochs (or ``max_steps`` optimizer steps).
+
+        Each epoch follows ``train_dataset.batches(batch_size=..., max_tokens=..., shuffle=True,
+        seed=seed, epoch=epoch, rank=, world_size=)``; each planned batch is collated in Rust with
+        ``layout``, ``max_length``, ``max_prompt_length``, ``truncation`` (``pack_length``
+        defaults to ``max_length`` for ``packed``). One optimizer step takes
+        ``gradient_accumulation_steps`` batches (fewer at the end of an epoch) and gives the
+        same update as one batch of their union: each batch's mean loss is weighted by
+        ``n_i / N``, ``N`` the pairs of the step. Two loss types look across pairs and so differ
+        from one big batch: ``aot``/``aot_unpaired`` sort within each batch, and ``bco_pair``
+        updates its running reward mean batch by batch (a batch's shift includes the earlier
+        batches of the step, not the later ones).
+
+        A step whose loss or gradient is not finite (or whose pairs truncation all drops) is
+        skipped with a ``RuntimeWarning``; it still counts toward the schedule, ``max_steps``
+        and checkpoints.
+
+        Under ``torch.distributed`` (initialised by the caller, who also wraps ``model`` in
+        ``DistributedDataParallel``), each rank takes its share of every planned round, ``N`` and
+        the metrics are summed over ranks, and only rank 0 logs, shows progress and writes
+        checkpoints. Every micro-batch must keep at least one pair after truncation on every
+        rank. On resume only rank 0's generator states are restored.
+
+        Args:
+            lr_scheduler, warmup_steps: see :func:`schedule_factor`; the total is the number of
+                optimizer steps the planner gives (capped by ``max_steps``).
+            weight_decay: > 0 switches the default optimizer to AdamW (no decay on biases and
+                norms); with a custom optimizer, set it there.
+            mixed_precision: ``"bf16"`` runs model forwards under ``torch.autocast``.
+            log_every: every this many steps, one metrics line on stdout and a record in
+                ``output_dir/metrics.jsonl`` (and TensorBoard when installed).
+            eval_every: evaluate ``eval_dataset`` every this many steps (and at the end).
+            save_every: checkpoint to ``output_dir/checkpoints/step-<N>`` every this many steps
+                (and at the end whenever ``output_dir`` is set); keep ``save_total_limit``.
+            resume_from: ``"latest"`` (the newest complete checkpoint in ``output_dir``; a fresh
+                start when there is none) or a checkpoint directory. Resuming restores weights,
+                optimizer, scheduler, generator states, counters and the data position.
+            max_consecutive_skips: raise ``RuntimeError`` after this many consecutive steps
+                skipped for non-finite loss or gradients.
+            callback: called as ``callback(step, metrics)`` after every optimizer step.
+
+        Returns:
+            A :class:`FitResult`.
+        """
+        _check_dataset("train_dataset", train_dataset)
+        if eval_dataset is not None:
+            _check_dataset("eval_dataset", eval_dataset)
+        _check_count("epochs", epochs, 1)
+        _check_count("gradient_accumulation_steps", gradient_accumulation_steps, 1)
+        _check_count("warmup_steps", warmup_steps, 0)
+        _check_count("seed", seed, 0)
+        for name, value in (
+            ("log_every", log_every),
+            ("eval_every", eval_every),
+            ("save_every", save_every),
+            ("save_total_limit", save_total_limit),
+            ("max_consecutive_skips", max_consecutive_skips),
+            ("max_steps", max_steps),
+        ):
+            _check_count(name, value, 1, allow_none=True)
+        if batch_size is None and max_tokens is None:
+            raise ValueError("batch_size: give batch_size (pairs) or max_tokens (tokens per batch)")
+        if lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler: expected one of {LR_SCHEDULERS}, got {lr_scheduler!r}")
+        if mixed_precision not in _AUTOCAST:
+            raise ValueError(f"mixed_precision: expected None or 'bf16', got {mixed_precision!r}")
+        if not (isinstance(weight_decay, int | float) and weight_decay >= 0):
+            raise ValueError(f"weight_decay: must be >= 0, got {weight_decay!r}")
+        out_dir = Path(output_dir) if output_dir is not None else None
+        if out_dir is None and (save_every is not None or resume_from == "latest"):
+            what = "save_every" if save_every is not None else "resume_from='latest'"
+            raise ValueError(f"output_dir: {what} needs an output directory")
+
+        rank, world = _rank_world()
+        main = rank == 0
+        if layout == "packed" and pack_length is None:
+            pack_length = max_length
+        data_kw = dict(
+            layout=layout,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            pad_to_multiple_of=pad_to_multiple_of,
+            pack_length=pack_length,
+        )
+        plan_kw = dict(data_kw, batch_size=batch_size, max_tokens=max_tokens, seed=seed)
+        plan_kw.update(rank=rank, world_size=world)
+        collate_kw = dict(
+            data_kw, pad_token_id=self.config.pad_token_id or 0, vocab_size=self.vocab_size
+        )
+        eval_plan_kw = dict(data_kw, batch_size=batch_size, max_tokens=max_tokens)
+        gas = gradient_accumulation_steps
+        per_epoch = [
+            math.ceil(len(train_dataset.batches(epoch=e, **plan_kw)) / gas) for e in range(epochs)
+        ]
+        total = sum(per_epoch) if max_steps is None else min(sum(per_epoch), max_steps)
+        run_args = {
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "layout": layout,
+            "max_length": max_length,
+            "max_prompt_length": max_prompt_length,
+            "truncation": truncation,
+            "pack_length": pack_length,
+            "pad_to_multiple_of": pad_to_multiple_of,
+            "seed": seed,
+            "gradient_accumulation_steps": gas,
+            "world_size": world,
+            "weight_decay": float(weight_decay),
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "lr_scheduler": lr_scheduler,
+            "warmup_steps": warmup_steps,
+            "mixed_precision": mixed_precision,
+        }
+
+        resume_path: Path | None = None
+        if resume_from == "latest":
+            assert out_dir is not None
+            resume_path = latest_checkpoint(out_dir)
+        elif resume_from is not None:
+            resume_path = Path(resume_from)
+        if resume_path is not None:
+            self._check_resume(load_checkpoint(resume_path, rng=False), run_args)
+        self._configure_optimizer(float(weight_decay))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, schedule_factor(lr_scheduler, warmup_steps, total)
+        )
+        step = epoch = batch_idx = 0
+        elapsed = 0.0
+        run_skipped = consecutive = 0
+        if resume_path is not None:
+            meta = load_checkpoint(
+                resume_path, model=_unwrap(self.model), optimizer=self.optimizer, rng=main
+            )
+            scheduler.load_state_dict(meta["scheduler"])
+            pos, counters = meta["position"], meta["counters"]
+            step, epoch, batch_idx = int(pos["step"]), int(pos["epoch"]), int(pos["batch"])
+            self.global_step = int(counters["global_step"])
+            self.skipped_steps = int(counters["skipped_steps"])
+            run_skipped = int(counters["run_skipped"])
+            consecutive = int(counters["consecutive_skips"])
+            elapsed = float(counters["elapsed"])
+            self.bco_reward_sum = float(meta["bco"]["sum"])
+            self.bco_reward_count = int(meta["bco"]["count"])
+
+        writer = None
+        if main and out_dir is not None:
+            remove_partial(out_dir)
+            writer = MetricsWriter(out_dir, resume_step=step if resume_path is not None else None)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc="DPO",
+            unit="step",
+            disable=not (progress and main),
+            dynamic_ncols=True,
+        )
+        window = _Window()
+        last_eval: dict[str, float] | None = None
+        last_eval_step = last_save_step = -1
+        last_record: dict[str, float] = {}
+        checkpoint: Path | None = None
+        epoch_pos = float(epoch)
+        previous_autocast = self._autocast
+        self._autocast = _AUTOCAST[mixed_precision]
+        start = time.perf_counter() - elapsed
+        eval_reference: list[_CachedReference | None] = []
+
+        def emit(split: str, metrics: dict[str, float]) -> None:
+            if not main:
+                return
+            record = make_record(split, step, epoch_pos, time.perf_counter() - start, metrics)
+            tqdm.write(format_record(record), file=sys.stdout)
+            if writer is not None:
+                writer.write(record)
+
+        def run_eval() -> dict[str, float]:
+            assert eval_dataset is not None
+            if not eval_reference:
+                eval_reference.append(self._reference_source(eval_dataset, data_kw))
+            result = self._evaluate(eval_dataset, eval_plan_kw, collate_kw, eval_reference[0])
+            emit("eval", result)
+            return result
+
+        def save() -> Path | None:
+            if not main or out_dir is None:
+                return None
+            state = {
+                "rlox_version": __version__,
+                "config": asdict(self.config),
+                "optimizer": type(self.optimizer).__name__,
+                "fit": run_args,
+                "position": {"step": step, "epoch": epoch, "batch": batch_idx},
+                "counters": {
+                    "global_step": self.global_step,
+                    "skipped_steps": self.skipped_steps,
+                    "run_skipped": run_skipped,
+                    "consecutive_skips": consecutive,
+                    "elapsed": time.perf_counter() - start,
+                },
+                "bco": {"sum": self.bco_reward_sum, "count": self.bco_reward_count},
+                "scheduler": scheduler.state_dict(),
+            }
+            return save_checkpoint(
+                out_dir,
+                step,
+                model=_unwrap(self.model),
+                optimizer=self.optimizer,
+                state=state,
+                keep=save_total_limit,
+            )
+
+        try:
+            train_reference = self._reference_source(train_dataset, data_kw)
+            while step < total and epoch < epochs:
+                plan = train_dataset.batches(epoch=epoch, **plan_kw)
+                while batch_idx < len(plan) and step < total:
+                    group = [plan[j] for j in range(batch_idx, min(batch_idx + gas, len(plan)))]
+                    batch_idx += len(group)
+                    batches = [train_dataset.collate(idx, **collate_kw) for idx in group]
+                    metrics = self._fit_step(batches, train_reference, step)
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)")
+                        scheduler.step()
+                    step += 1
+                    epoch_pos = epoch + batch_idx / len(plan)
+                    if metrics["skipped"]:
+                        run_skipped += 1
+                        consecutive += 1
+                    else:
+                        consecutive = 0
+                    window.add(metrics)
+                    bar.update(1)
+                    if not metrics["skipped"]:
+                        bar.set_postfix(
+                            loss=f"{metrics['loss']:.4f}",
+                            acc=f"{metrics['reward_accuracy']:.2f}",
+                            refresh=False,
+                        )
+                    if max_consecutive_skips is not None and consecutive >= max_consecutive_skips:
+                        raise RuntimeError(
+                            f"step {step}: the last {consecutive} optimizer steps were all skipped "
+                            "(non-finite loss or gradient, or every pair dropped by truncation); "
+                            "the weights are those of the last good step. Lower the learning "
+                            "rate, check the data, model and max_length, or raise "
+                            "max_consecutive_skips"
+                        )
+                    if log_every is not None and step % log_every == 0:
+                        last_record = window.metrics()
+                        emit("train", last_record)
+                        window = _Window()
+                    if eval_dataset is not None and eval_every is not None:
+                        if step % eval_every == 0:
+                            last_eval, last_eval_step = run_eval(), step
+                    if save_every is not None and step % save_every == 0:
+                        checkpoint, last_save_step = save(), step
+                    if callback is not None:
+                        callback(step, metrics)
+                if batch_idx >= len(plan):
+                    epoch, batch_idx = epoch + 1, 0
+                    epoch_pos = float(epoch)
+            if window:
+                last_record = window.metrics()
+                if log_every is not None:
+                    emit("train", last_record)
+            if eval_dataset is not None and last_eval_step != step:
+                last_eval = run_eval()
+            if out_dir is not None and last_save_step != step:
+                checkpoint = save()
+        finally:
+            self._autocast = previous_autocast
+            bar.close()
+            if writer is not None:
+                writer.close()
+        return FitResult(
+            steps=step,
+            epochs=epoch_pos,
+            skipped=run_skipped,
+            metrics=last_record,
+            eval=last_eval,
+            checkpoint=checkpoint,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _check_resume(self, meta: dict[str, Any], run_args: dict[str, Any]) -> None:
+        saved = meta.get("fit", {})
+        for key in _RESUME_STRICT:
+            if saved.get(key) != run_args[key]:
+                raise ValueError(
+                    f"resume_from: the checkpoint was written with {key}={saved.get(key)!r}, "
+                    f"this call has {key}={run_args[key]!r}; resuming needs the same value"
+                )
+        changed = [k for k in _RESUME_LOOSE if saved.get(k) != run_args[k]]
+        if meta.get("config") != json.loads(json.dumps(asdict(self.config))):
+            changed.append("the trainer config")
+        if changed:
+            warnings.warn(
+                f"resume_from: {', '.join(changed)} differ from the checkpoint; the run will not "
+                "match an uninterrupted one",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        dataset: PreferenceDataset,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        layout: str = "padded",
+        max_length: int | None = 1024,
+        max_prompt_length: int | None = None,
+        truncation: str = "keep_end",
+        pack_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mixed_precision: str | None = None,
+    ) -> dict[str, float]:
+        """Metrics over the WHOLE ``dataset``, each the mean over its pairs (not over batches).
+
+        Keys: loss, reward_accuracy, reward_margin, chosen_reward, rejected_reward,
+        chosen_logps, rejected_logps, ``loss_<name>`` for multi-term losses, ``num_pairs``
+        (pairs scored) and ``num_dropped`` (pairs that truncation drops). No gradients; the
+        policy runs in eval mode and is put back in its mode. ``batch_size`` defaults to 16
+        when ``max_tokens`` is not given either. Under ``torch.distributed`` each rank scores its
+        share and the sums are all-reduced.
+        """
+        _check_dataset("dataset", dataset)
+        if mixed_precision not in _AUTOCAST:
+            raise ValueError(f"mixed_precision: expected None or 'bf16', got {mixed_precision!r}")
+        if batch_size is None and max_tokens is None:
+            batch_size = 16
+        if layout == "packed" and pack_length is None:
+            pack_length = max_length
+        data_kw = dict(
+            layout=layout,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            pad_to_multiple_of=pad_to_multiple_of,
+            pack_length=pack_length,
+        )
+        plan_kw = dict(data_kw, batch_size=batch_size, max_tokens=max_tokens)
+        collate_kw = dict(
+            data_kw, pad_token_id=self.config.pad_token_id or 0, vocab_size=self.vocab_size
+        )
+        previous = self._autocast
+        self._autocast = _AUTOCAST[mixed_precision]
+        try:
+            reference = self._reference_source(dataset, data_kw)
+            return self._evaluate(dataset, plan_kw, collate_kw, reference)
+        finally:
+            self._autocast = previous
+
+    def _evaluate(
+        self,
+        dataset: PreferenceDataset,
+        plan_kw: dict[str, Any],
+        collate_kw: dict[str, Any],
+        reference: _CachedReference | None,
+    ) -> dict[str, float]:
+        rank, world = _rank_world()
+        plan = dataset.batches(shuffle=False, rank=rank, world_size=world, **plan_kw)
+        keys = self._metric_keys()
+        sums = dict.fromkeys(keys, 0.0)
+        pairs = dropped = 0
+        model = _unwrap(self.model)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                for idx in plan:
+                    batch = dataset.collate(idx, **collate_kw)
+                    b = batch.num_pairs
+                    dropped += len(idx) - b
+                    if b == 0:
+                        continue
+                    ref = reference(batch) if reference is not None else None
+                    _, metrics = self._loss(batch, ref=ref)
+                    for k in keys:
+                        sums[k] += metrics.get(k, math.nan) * b
+                    pairs += b
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        device = next(model.parameters()).device
+        totals = _all_reduce([float(pairs), float(dropped), *(sums[k] for k in keys)], device)
+        n = totals[0]
+        out = {k: (v / n if n else math.nan) for k, v in zip(keys, totals[2:], strict=True)}
+        out["num_pairs"] = int(n)
+        out["num_dropped"] = int(totals[1])
+        return out
+
+    # ------------------------------------------------------------------ reference cache
+    def _reference_digest(self) -> str:
+        if self.ref_model is not None:
+            return weights_digest(self.ref_model)
+        return weights_digest(_unwrap(self.model), frozen_only=True)
+
+    def _reference_settings(self, data_kw: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "max_length": data_kw["max_length"],
+            "max_prompt_length": data_kw["max_prompt_length"],
+            "truncation": data_kw["truncation"],
+            "ld_alpha": self.config.ld_alpha,
+        }
+
+    def precompute_reference(
+        self,
+        dataset: PreferenceDataset,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int | None = None,
+        layout: str = "padded",
+        max_length: int | None = 1024,
+        max_prompt_length: int | None = None,
+        truncation: str = "keep_end",
+        pack_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mixed_precision: str | None = None,
+        progress: bool = True,
+    ) -> ReferenceLogps:
+        """Run the reference once over ``dataset`` and keep its per-pair log-prob sums.
+
+        The (n,) float64 chosen and rejected sums are stored on ``dataset`` and, when it was
+        saved to or loaded from a directory, in ``<dir>/reference_logps/<key>.npy`` + ``.json``.
+        The key hashes the reference weights, the data (:meth:`PreferenceDataset.fingerprint`),
+        ``max_length``, ``max_prompt_length``, ``truncation`` and ``ld_alpha``; :meth:`fit` and
+        :meth:`evaluate` with the same settings then read these values instead of running the
+        reference, and ignore (with a warning) values whose data or weights no longer match.
+        ``layout`` and batch sizes only change rounding.
+        """
+        _check_dataset("dataset", dataset)
+        if not self._has_live_reference():
+            raise ValueError(
+                "ref_model: precompute_reference needs a reference model (or a peft model)"
+            )
+        if mixed_precision not in _AUTOCAST:
+            raise ValueError(f"mixed_precision: expected None or 'bf16', got {mixed_precision!r}")
+        if batch_size is None and max_tokens is None:
+            batch_size = 16
+        if layout == "packed" and pack_length is None:
+            pack_length = max_length
+        data_kw = dict(
+            layout=layout,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            pad_to_multiple_of=pad_to_multiple_of,
+            pack_length=pack_length,
+        )
+        rank, world = _rank_world()
+        plan = dataset.batches(
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            shuffle=False,
+            rank=rank,
+            world_size=world,
+            **data_kw,
+        )
+        collate_kw = dict(
+            data_kw, pad_token_id=self.config.pad_token_id or 0, vocab_size=self.vocab_size
+        )
+        n = len(dataset)
+        logps = torch.zeros(2, n, dtype=torch.float64)
+        seen = torch.zeros(n, dtype=torch.float64)
+        previous = self._autocast
+        self._autocast = _AUTOCAST[mixed_precision]
+        try:
+            for idx in tqdm(plan, desc="reference", disable=not (progress and rank == 0)):
+                batch = dataset.collate(idx, **collate_kw)
+                b = batch.num_pairs
+                if b == 0:
+                    continue
+                ref = self._reference_logps(batch).detach().double().cpu()
+                where = batch.pair_index.cpu()
+                logps[0, where] = ref[:b]
+                logps[1, where] = ref[b:]
+                seen[where] = 1.0
+        finally:
+            self._autocast = previous
+        if _dist() is not None:
+            device = next(self.model.parameters()).device
+            both = torch.cat([logps.reshape(-1), seen]).to(device)
+            _dist().all_reduce(both)
+            both = both.cpu()
+            logps, seen = both[: 2 * n].reshape(2, n), both[2 * n :]
+        logps[:, seen == 0] = math.nan
+        key = {
+            "format": _REFERENCE_FORMAT,
+            "weights": self._reference_digest(),
+            "data": dataset.fingerprint(),
+            "settings": self._reference_settings(data_kw),
+        }
+        values = logps.numpy()
+        path = _store_reference(dataset, key, values, write=rank == 0)
+        return ReferenceLogps(values[0], values[1], key, path)
+
+    def _reference_source(
+        self, dataset: PreferenceDataset, data_kw: dict[str, Any]
+    ) -> _CachedReference | None:
+        """Cached reference log-probs of ``dataset`` that match this trainer, else None (live).
+
+        Raises when the trainer has no reference to run and no cache matches.
+        """
+        if not self._needs_reference:
+            return None
+        live = self._has_live_reference()
+        entries = _reference_entries(dataset)
+        settings = self._reference_settings(data_kw)
+        if not entries and live:
+            return None
+        fingerprint = dataset.fingerprint() if entries else None
+        weights = self._reference_digest() if live and entries else None
+        same = [e for e in entries if e["key"]["settings"] == settings]
+        match = [
+            e
+            for e in same
+            if e["key"]["data"] == fingerprint and weights in (None, e["key"]["weights"])
+        ]
+        if match:
+            if len({e["key"]["weights"] for e in match}) > 1:
+                warnings.warn(
+                    f"dataset: reference log-probs of several reference models are cached for "
+                    f"{dataset!r}; using the newest",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            entry = max(match, key=lambda e: e["created"])
+            values = _load_reference(dataset, entry)
+            if values is not None:
+                return _CachedReference(values)
+        elif same:
+            stale = {
+                "data" if e["key"]["data"] != fingerprint else "reference weights" for e in same
+            }
+            warnings.warn(
+                f"dataset: cached reference log-probs of {dataset!r} were computed for other "
+                f"{' and '.join(sorted(stale))}; ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+        if live:
+            return None
+        raise ValueError(
+            f"ref_model: no precomputed reference log-probs match {dataset!r} with {settings}; "
+            "run DPO.precompute_reference on it with a reference model and these settings"
+        )
+
+    # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write policy weights (safetensors), optimizer state and config to directory ``path``."""
         from safetensors.torch import save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(path / "model.safetensors"))
+        save_model(_unwrap(self.model), str(path / "model.safetensors"))
         torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
         meta = {
             "rlox_version": __version__,
             "config": asdict(self.config),
             "optimizer": type(self.optimizer).__name__,
+            "weight_decay": self._weight_decay,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
             "bco_reward_sum": self.bco_reward_sum,
@@ -566,8 +1514,12 @@ class DPO:
         model: nn.Module,
         ref_model: nn.Module | None,
         optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
     ) -> DPO:
-        """Restore a trainer written by :meth:`save` into ``model`` (no pickled code is run)."""
+        """Restore a trainer written by :meth:`save` into ``model`` (no pickled code is run).
+
+        ``kwargs`` go to the constructor (e.g. ``precomputed_reference=True``).
+        """
         from safetensors.torch import load_model
 
         path = Path(path)
@@ -575,15 +1527,105 @@ class DPO:
         if not meta_file.is_file():
             raise ValueError(f"path: {path} holds no rlox checkpoint (trainer.json missing)")
         meta = json.loads(meta_file.read_text())
-        if optimizer is None and meta["optimizer"] != "Adam":
+        if optimizer is None and meta["optimizer"] not in ("Adam", "AdamW"):
             raise ValueError(
                 f"optimizer: the checkpoint used {meta['optimizer']}; pass an optimizer of that type"
             )
-        load_model(model, str(path / "model.safetensors"))
-        trainer = cls(model, ref_model, optimizer=optimizer, **meta["config"])
+        load_model(_unwrap(model), str(path / "model.safetensors"))
+        trainer = cls(model, ref_model, optimizer=optimizer, **meta["config"], **kwargs)
+        if optimizer is None:
+            trainer._configure_optimizer(float(meta.get("weight_decay", 0.0)))
         trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         trainer.global_step = int(meta["global_step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.bco_reward_sum = float(meta.get("bco_reward_sum", 0.0))
         trainer.bco_reward_count = int(meta.get("bco_reward_count", 0))
         return trainer
+
+
+def _reference_dir(dataset: PreferenceDataset) -> Path | None:
+    return None if dataset.directory is None else dataset.directory / _REFERENCE_DIR
+
+
+def _entry_digest(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _store_reference(
+    dataset: PreferenceDataset, key: dict[str, Any], values: np.ndarray, *, write: bool
+) -> Path | None:
+    """Keep (2, n) reference log-probs on ``dataset`` and, when it has a directory, on disk."""
+    digest = _entry_digest(key)
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    entry = {
+        "key": key,
+        "digest": digest,
+        "created": time.time(),
+        "num_pairs": int(values.shape[1]),
+        "crc32": int(_rlox.crc32(values.reshape(-1).view(np.uint8))),
+        "rlox_version": __version__,
+    }
+    dataset._reference_logps[digest] = dict(entry, values=values)
+    folder = _reference_dir(dataset)
+    if folder is None:
+        return None
+    path = folder / f"{digest}.npy"
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:8]
+        tmp_npy, tmp_json = folder / f".{digest}.{tag}.npy", folder / f".{digest}.{tag}.json"
+        try:
+            with open(tmp_npy, "wb") as f:
+                np.save(f, values, allow_pickle=False)
+            tmp_json.write_text(json.dumps(entry, indent=1))
+            os.replace(tmp_npy, path)
+            os.replace(tmp_json, folder / f"{digest}.json")
+        finally:
+            tmp_npy.unlink(missing_ok=True)
+            tmp_json.unlink(missing_ok=True)
+    return path
+
+
+def _reference_entries(dataset: PreferenceDataset) -> list[dict[str, Any]]:
+    """Cache entries of ``dataset``: in memory, then those on disk next to its store."""
+    entries = {d: e for d, e in dataset._reference_logps.items()}
+    folder = _reference_dir(dataset)
+    if folder is not None and folder.is_dir():
+        for meta_file in folder.glob("*.json"):
+            if meta_file.stem in entries:
+                continue
+            try:
+                entry = json.loads(meta_file.read_text())
+                if (
+                    entry["key"]["format"] == _REFERENCE_FORMAT
+                    and entry["digest"] == meta_file.stem
+                ):
+                    entries[meta_file.stem] = entry
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+    return [e for e in entries.values() if e.get("num_pairs") == len(dataset)]
+
+
+def _load_reference(dataset: PreferenceDataset, entry: dict[str, Any]) -> np.ndarray | None:
+    if "values" in entry:
+        return entry["values"]
+    folder = _reference_dir(dataset)
+    assert folder is not None
+    try:
+        values = np.load(folder / f"{entry['digest']}.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"dataset: unreadable reference log-prob cache ({e}); ignored", stacklevel=4)
+        return None
+    ok = values.dtype == np.float64 and values.shape == (2, entry["num_pairs"])
+    if (
+        not ok
+        or int(_rlox.crc32(np.ascontiguousarray(values).reshape(-1).view(np.uint8)))
+        != entry["crc32"]
+    ):
+        warnings.warn(
+            f"dataset: reference log-prob cache {entry['digest']} is corrupted; ignored",
+            stacklevel=4,
+        )
+        return None
+    dataset._reference_logps[entry["digest"]] = dict(entry, values=values)
+    return values
