@@ -453,13 +453,12 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point of ``python -m rlox.demo``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m rlox.demo",
-        description="DPO on a synthetic digit-sorting task with a known reward.",
-    )
-    parser.add_argument("--seed", type=int, default=DemoConfig.seed)
+DESCRIPTION = "DPO on a synthetic digit-sorting task with a known reward."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``python -m rlox.demo`` and ``rlox demo``)."""
+    parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed")
     parser.add_argument("--steps", type=int, default=None, help="DPO steps")
     parser.add_argument("--sft-steps", type=int, default=None, help="supervised warm-up steps")
     parser.add_argument("--batch-size", type=int, default=None, help="DPO batch size")
@@ -470,8 +469,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of ``python -m rlox.demo``."""
+    parser = argparse.ArgumentParser(prog="python -m rlox.demo", description=DESCRIPTION)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the demo with parsed :func:`add_arguments` options and print the report."""
     previous_threads = torch.get_num_threads()
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     overrides = {

@@ -609,8 +609,9 @@ class DPO:
         self.optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=learning_rate)
         self.global_step = 0
         self.skipped_steps = 0
-        self.vocab_size = model_vocab_size(model)
-        self._policy_kwargs = _accepted_kwargs(model)
+        # Look through a DistributedDataParallel wrapper: it passes keywords to the module as given.
+        self.vocab_size = model_vocab_size(_unwrap(model))
+        self._policy_kwargs = _accepted_kwargs(_unwrap(model))
         self._inner_kwargs = _accepted_kwargs(_unwrap(model))
         if self.ref_model is not None:
             self._ref_kwargs: frozenset[str] | None = _accepted_kwargs(self.ref_model)

@@ -1,0 +1,387 @@
+"""DPO.fit under torch.distributed: 2-process DDP and FSDP2 runs on CPU (gloo) via torchrun.
+
+The tests launch ``python -m torch.distributed.run --nproc_per_node=2`` on this same file; its
+``__main__`` block is the worker, which runs the named ``JOBS`` in turn. For each job every rank
+saves its final weights and per-step metrics to ``<root>/results/<job>-rank<r>.pt`` for the tests
+to compare with a single-process run.
+
+The single-process reference trains on the union of the ranks' batches: round ``k`` of a
+``world_size=2`` plan gives rank 0 ``plan_0[k]`` and rank 1 ``plan_1[k]``, so the global batch of
+optimizer step ``k`` is ``plan_0[k] + plan_1[k]``, collated as one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from rlox import DPO, PreferenceDataset
+from rlox.algorithms.dpo import schedule_factor
+from rlox.models import TinyCausalLM, TinyLMConfig
+
+VOCAB = 32
+PAIRS = 24
+WORLD = 2
+TRAINER_KW: dict[str, Any] = {"beta": 0.5, "learning_rate": 1e-3}
+# What fixes the data order; fit gets the same values.
+DATA_KW: dict[str, Any] = {"layout": "padded", "max_length": 24}
+FIT_KW: dict[str, Any] = {
+    **DATA_KW,
+    "epochs": 2,
+    "batch_size": 3,
+    "seed": 5,
+    "lr_scheduler": "linear",
+    "warmup_steps": 2,
+}
+STEPS = 8  # 24 pairs / (3 pairs x 2 ranks) = 4 rounds per epoch, 2 epochs
+RECORD_KEYS = (
+    "loss",
+    "reward_accuracy",
+    "reward_margin",
+    "chosen_reward",
+    "rejected_reward",
+    "chosen_logps",
+    "rejected_logps",
+    "grad_norm",
+    "lr",
+)
+
+
+# ------------------------------------------------------------------------------ shared setup
+def make_dataset() -> PreferenceDataset:
+    """``PAIRS`` random pairs of varied lengths (so rank batches and their union pad differently)."""
+    rng = random.Random(0)
+
+    def row(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    return PreferenceDataset.from_lists(
+        [row(2, 8) for _ in range(PAIRS)],
+        [row(1, 7) for _ in range(PAIRS)],
+        [row(1, 7) for _ in range(PAIRS)],
+    )
+
+
+def make_models() -> tuple[TinyCausalLM, TinyCausalLM]:
+    """(policy, reference): the policy is the reference plus noise, so rewards start non-zero."""
+    torch.manual_seed(0)
+    # max_seq_len > VOCAB: the position embedding is the largest embedding of the model.
+    config = TinyLMConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=40)
+    ref = TinyCausalLM(config)
+    policy = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    # The key bias shifts every attention score of a query alike, so softmax cancels it: its true
+    # gradient is 0 and Adam would turn rounding noise (which differs between a 2-rank and a
+    # 1-rank run) into lr-sized steps. Freezing the qkv biases keeps the comparison meaningful.
+    for block in policy.blocks:
+        block.attn.qkv.bias.requires_grad_(False)
+    return policy, ref
+
+
+def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached full copies of the weights (sharded DTensors are gathered: a collective)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        out[name] = t.detach().clone()
+    return out
+
+
+# ------------------------------------------------------------------------------ worker
+# Runs the worker can do; several may share one torchrun launch (one process group).
+JOBS: dict[str, dict[str, Any]] = {
+    # Uninterrupted; each rank is given its own output_dir, so rank 1 writing would show.
+    "full": {"mode": "ddp", "output_dir": "out-{rank}", "save_every": 3},
+    # Stops after step 5 as a crash would (the last checkpoint is step 3) ...
+    "interrupted": {"mode": "ddp", "output_dir": "shared", "save_every": 3, "stop_after": 5},
+    # ... and a second launch resumes it.
+    "resumed": {"mode": "ddp", "output_dir": "shared", "save_every": 3, "resume": True},
+    "fsdp": {"mode": "fsdp", "max_steps": 3},
+}
+
+
+class _Interrupted(Exception):
+    """Raised from the fit callback to stop a run mid-way."""
+
+
+def run_job(root: Path, name: str, rank: int, world: int) -> None:
+    job = JOBS[name]
+    policy, ref = make_models()
+    if job["mode"] == "ddp":
+        model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(policy)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in policy.blocks:
+            fully_shard(block)
+        fully_shard(policy)
+        model = policy
+    trainer = DPO(model, ref, **TRAINER_KW)
+    head_inputs: set[int] = set()
+    policy.lm_head.register_forward_hook(lambda m, args, out: head_inputs.add(args[0].dim()))
+    seen: list[dict[str, float]] = []
+
+    def callback(step: int, metrics: dict[str, float]) -> None:
+        seen.append(dict(metrics, step=step))
+        if step == job.get("stop_after"):
+            raise _Interrupted
+
+    out_dir = job.get("output_dir")
+    steps = None
+    try:
+        result = trainer.fit(
+            make_dataset(),
+            output_dir=None if out_dir is None else root / out_dir.format(rank=rank),
+            save_every=job.get("save_every"),
+            resume_from="latest" if job.get("resume") else None,
+            max_steps=job.get("max_steps"),
+            log_every=1,
+            progress=False,
+            callback=callback,
+            **FIT_KW,
+        )
+        steps = result.steps
+    except _Interrupted:
+        pass
+    state = {
+        "params": full_params(policy),
+        "metrics": seen,
+        "steps": steps,
+        "global_step": trainer.global_step,
+        "world_size": world,
+        "vocab_size": trainer.vocab_size,
+        "head_input_dims": sorted(head_inputs),
+    }
+    torch.save(state, root / "results" / f"{name}-rank{rank}.pt")
+
+
+def worker(argv: list[str]) -> None:
+    """``test_distributed.py ROOT JOB...``, launched by torchrun."""
+    import torch.distributed as dist
+
+    root, names = Path(argv[0]), argv[1:]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        for name in names:
+            run_job(root, name, dist.get_rank(), dist.get_world_size())
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------ test helpers
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(root: Path, *jobs: str) -> dict[str, list[dict[str, Any]]]:
+    """Run ``jobs`` one after another in one launch of WORLD processes; return each rank's state."""
+    (root / "results").mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        __file__,
+        str(root),
+        *jobs,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{cmd}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {
+        job: [
+            torch.load(root / "results" / f"{job}-rank{r}.pt", weights_only=True)
+            for r in range(WORLD)
+        ]
+        for job in jobs
+    }
+
+
+def reference_run(max_steps: int | None = None) -> dict[str, Any]:
+    """One process, one batch per step: the union of the ranks' batches of that round."""
+    ds = make_dataset()
+    policy, ref = make_models()
+    trainer = DPO(policy, ref, **TRAINER_KW)
+    plan_kw = dict(DATA_KW, batch_size=FIT_KW["batch_size"], seed=FIT_KW["seed"])
+    plans = [
+        [ds.batches(epoch=e, rank=r, world_size=WORLD, **plan_kw) for r in range(WORLD)]
+        for e in range(FIT_KW["epochs"])
+    ]
+    total = sum(len(p[0]) for p in plans)
+    assert total == STEPS
+    total = total if max_steps is None else min(total, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        trainer.optimizer,
+        schedule_factor(FIT_KW["lr_scheduler"], FIT_KW["warmup_steps"], total),
+    )
+    metrics, unions = [], []
+    for epoch_plans in plans:
+        assert len({len(p) for p in epoch_plans}) == 1, "every rank gets one batch per round"
+        epoch_union = []
+        for k in range(len(epoch_plans[0])):
+            if len(metrics) == total:
+                break
+            union = np.concatenate([p[k] for p in epoch_plans])
+            epoch_union.append(union)
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **DATA_KW)
+            m = trainer.train_step(batch)
+            assert m["skipped"] == 0.0
+            metrics.append(dict(m, lr=lr, num_pairs=float(len(union))))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                scheduler.step()
+        unions.append(epoch_union)
+    return {"params": full_params(policy), "metrics": metrics, "unions": unions}
+
+
+def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+
+
+def assert_metrics_match(got: dict[str, Any], want: dict[str, float], step: int) -> None:
+    for key in RECORD_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    return reference_run()
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One torchrun launch: the full DDP run, the interrupted one and the FSDP2 smoke run."""
+    root = tmp_path_factory.mktemp("dist")
+    return root, torchrun(root, "full", "interrupted", "fsdp")
+
+
+# ------------------------------------------------------------------------------ tests
+def test_union_batches_partition_each_epoch(reference):
+    for epoch_union in reference["unions"]:
+        seen = np.sort(np.concatenate(epoch_union))
+        assert np.array_equal(seen, np.arange(PAIRS))
+        assert {len(u) for u in epoch_union} == {WORLD * FIT_KW["batch_size"]}
+
+
+def test_ddp_matches_one_process_on_the_global_batch(launch, reference):
+    ranks = launch[1]["full"]
+    policy, _ = make_models()
+    initial = full_params(policy)
+    for r, state in enumerate(ranks):
+        assert state["world_size"] == WORLD
+        assert state["steps"] == STEPS and state["global_step"] == STEPS, r
+        assert_params_close(state["params"], reference["params"])
+        assert any(not torch.equal(state["params"][k], initial[k]) for k in initial)
+        # The DDP wrapper is looked through: the model's vocabulary (not its largest
+        # embedding, the positions) and the LM head run at the gathered points only.
+        assert state["vocab_size"] == VOCAB
+        assert state["head_input_dims"] == [2]
+    # Gradients are all-reduced before each update, so the ranks stay bit-identical.
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    # The step metrics every rank sees are the all-reduced ones of the global batch.
+    for r, state in enumerate(ranks):
+        assert [m["step"] for m in state["metrics"]] == list(range(1, STEPS + 1))
+        for m, want in zip(state["metrics"], reference["metrics"], strict=True):
+            assert m["num_pairs"] == want["num_pairs"] == WORLD * FIT_KW["batch_size"]
+            assert m["skipped"] == 0.0
+            assert_metrics_match(m, want, (r, m["step"]))
+
+
+def test_only_rank0_writes_metrics_and_checkpoints(launch, reference):
+    root = launch[0]
+    assert not (root / "out-1").exists(), "rank 1 must not write anything"
+    out = root / "out-0"
+    records = read_records(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert {r["split"] for r in records} == {"train"}
+    for record, want in zip(records, reference["metrics"], strict=True):
+        assert record["skipped"] == 0
+        assert_metrics_match(record, want, record["step"])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-3", "step-6", "step-8"]
+
+
+def test_ddp_resume_with_the_same_world_size(launch, reference):
+    root, first = launch
+    out = root / "shared"
+    assert all(s["steps"] is None and s["global_step"] == 5 for s in first["interrupted"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    second = torchrun(root, "resumed")["resumed"]
+    for r, state in enumerate(second):
+        assert state["steps"] == STEPS and state["global_step"] == STEPS, r
+        assert [m["step"] for m in state["metrics"]] == list(range(4, STEPS + 1))
+        assert_params_close(state["params"], first["full"][r]["params"])
+        assert_params_close(state["params"], reference["params"])
+    records = read_records(out / "metrics.jsonl")
+    full = read_records(root / "out-0" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    for got, want in zip(records, full, strict=True):
+        assert_metrics_match(got, want, got["step"])
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-3", "step-6", "step-8"]
+
+    # The data order depends on the world size, so a 1-process resume is refused.
+    policy, ref = make_models()
+    with pytest.raises(ValueError, match="world_size"):
+        DPO(policy, ref, **TRAINER_KW).fit(
+            make_dataset(), output_dir=out, resume_from="latest", progress=False, **FIT_KW
+        )
+
+
+def test_fsdp2_fully_shard_smoke(launch):
+    ranks = launch[1]["fsdp"]
+    steps = JOBS["fsdp"]["max_steps"]
+    policy, _ = make_models()
+    initial = full_params(policy)
+    want = reference_run(max_steps=steps)
+    for r, state in enumerate(ranks):
+        assert state["steps"] == steps and state["global_step"] == steps, r
+        assert [m["step"] for m in state["metrics"]] == list(range(1, steps + 1))
+        assert all(math.isfinite(m["loss"]) and m["skipped"] == 0.0 for m in state["metrics"])
+        assert any(not torch.equal(state["params"][k], initial[k]) for k in initial)
+        # Sharded gradients are reduce-scattered as averages, as DDP all-reduces them: the
+        # same update as one process on the global batch.
+        for m, ref_m in zip(state["metrics"], want["metrics"], strict=True):
+            assert_metrics_match(m, ref_m, (r, m["step"]))
+        assert_params_close(state["params"], want["params"])
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1:])
