@@ -1,7 +1,7 @@
 """rlox: Rust-accelerated Direct Preference Optimization (DPO) for PyTorch language models."""
 
 from rlox._rlox import DPOLossOutput, __version__, dpo_loss
-from rlox.algorithms.dpo import DPO, DPOConfig, collate_pairs, sequence_logps
+from rlox.algorithms.dpo import DPO, DPOConfig, FitResult, collate_pairs, sequence_logps
 from rlox.data import (
     BatchPlan,
     PairBatch,
@@ -16,6 +16,7 @@ __all__ = [
     "BatchPlan",
     "DPOConfig",
     "DPOLossOutput",
+    "FitResult",
     "PairBatch",
     "PreferenceBatchSampler",
     "PreferenceCollator",
