@@ -34,6 +34,7 @@ bench: install
 	$(PY) benches/bench_loss.py
 	$(PY) benches/bench_data.py
 	$(PY) benches/bench_text.py
+	$(PY) benches/bench_fit.py
 
 lint: install
 	cargo fmt --check
