@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -12,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-
 from tiny_hf import WORDS, make_model, make_tokenizer  # noqa: E402
 
-from rlox import DPO, PreferenceDataset  # noqa: E402
+from rlox import PreferenceDataset  # noqa: E402
 from rlox.cli import TrainConfig, UsageError, load_train_config, main  # noqa: E402
 
-needs_fit = pytest.mark.skipif(not hasattr(DPO, "fit"), reason="DPO.fit is not available")
-needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="LoRA needs peft")
 COMMANDS = ("prepare", "train", "eval", "plot", "demo")
 
 
@@ -370,7 +364,6 @@ def test_prepare_summary(capsys, workdir, tmp_path):
 
 
 # ------------------------------------------------------------------------ end to end runs
-@needs_fit
 def test_prepare_train_eval_plot(capsys, workdir, store, tmp_path):
     run_dir = tmp_path / "run"
     config = toml(
@@ -460,8 +453,6 @@ def test_prepare_train_eval_plot(capsys, workdir, store, tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
-@needs_peft
-@needs_fit
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "adapters"])
 def test_train_lora(capsys, workdir, tmp_path, merge):
     run_dir = tmp_path / "run"
@@ -481,7 +472,6 @@ def test_train_lora(capsys, workdir, tmp_path, merge):
     assert is_peft_model(model) is not merge
 
 
-@needs_fit
 def test_runtime_error_is_one_line(capsys, workdir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "a", "chosen": "", "rejected": "c"}) + "\n")
@@ -509,7 +499,6 @@ def test_demo(capsys):
     assert "Task success" in out
 
 
-@needs_fit
 def test_precomputed_reference(capsys, workdir, tmp_path):
     """--precompute-reference trains against cached log-probs; eval can read them back."""
     store = tmp_path / "store"
@@ -578,8 +567,6 @@ def test_precomputed_reference(capsys, workdir, tmp_path):
     assert_one_line_error(code, err, 2, "--precomputed-reference")
 
 
-@needs_peft
-@needs_fit
 def test_eval_adapters_against_their_base(capsys, workdir, tmp_path):
     run_dir = tmp_path / "run"
     code, _, err = run(

@@ -58,7 +58,8 @@ def alone_logps(model: torch.nn.Module, ds: PreferenceDataset, indices) -> torch
 
 # ------------------------------------------------------------------ layouts agree on real models
 def hf_models() -> list:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(1)
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -226,7 +227,8 @@ def test_from_arrays_and_arrow_do_not_copy():
 
 
 def test_from_hf_datasets_with_index_mapping():
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     P, C, R = random_pairs(12, seed=4)
     hf = datasets.Dataset.from_dict({"prompt_ids": P, "chosen_ids": C, "rejected_ids": R})
     ds = PreferenceDataset.from_arrow(hf)

@@ -7,36 +7,18 @@ import random
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 from tiny_hf import (  # noqa: E402
     PROBE,
     WORDS,
     logits,
     make_model,
-    make_tokenizer,
     pair_batch,
-    save_tiny,
     state,
 )
 
 from rlox import DPO, PreferenceDataset  # noqa: E402
 from rlox.hf import frozen_copy, load_pretrained, save_pretrained  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def model_dir(request, tmp_path_factory, tokenizer):
-    return save_tiny(request.param, tokenizer, tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, tokenizer):
-    return save_tiny("gpt2", tokenizer, tmp_path_factory.mktemp("gpt2_only"))
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -140,7 +122,6 @@ def test_save_bare_tokenizer(tmp_path, gpt2_dir, tokenizer):
 
 
 # ----------------------------------------------------------------------------- DPO.fit on a dir
-@pytest.mark.skipif(not hasattr(DPO, "fit"), reason="DPO.fit is not available")
 def test_fit_from_saved_model_dir(gpt2_dir, tmp_path):
     model, tok = load_pretrained(gpt2_dir)
     rng = random.Random(3)

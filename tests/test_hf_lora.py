@@ -6,17 +6,13 @@ import copy
 import json
 import sys
 
+import peft
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
 from tiny_hf import (  # noqa: E402
     PROBE,
     logits,
     make_model,
-    make_tokenizer,
     pair_batch,
     save_tiny,
     state,
@@ -24,22 +20,6 @@ from tiny_hf import (  # noqa: E402
 
 from rlox import DPO  # noqa: E402
 from rlox.hf import is_peft_model, load_pretrained, save_pretrained  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def model_dir(request, tmp_path_factory, tokenizer):
-    return save_tiny(request.param, tokenizer, tmp_path_factory.mktemp(request.param))
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, tokenizer):
-    return save_tiny("gpt2", tokenizer, tmp_path_factory.mktemp("gpt2_only"))
-
 
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 

@@ -8,8 +8,6 @@ import struct
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
 from rlox.plot import plot_run, read_metrics  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlox.tracking import RECORD_METRICS
+
 __all__ = ["TrainConfig", "UsageError", "load_train_config", "main"]
 
 PROG = "rlox"
@@ -1051,15 +1053,7 @@ def _reference_free_loss(config: TrainConfig) -> bool:
     return not check_loss_options(**options)["needs_reference"]
 
 
-EVAL_KEYS = (
-    "loss",
-    "reward_accuracy",
-    "reward_margin",
-    "chosen_reward",
-    "rejected_reward",
-    "chosen_logps",
-    "rejected_logps",
-)
+EVAL_KEYS = RECORD_METRICS
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
