@@ -1,9 +1,10 @@
-"""DPO.fit under torch.distributed: 2-process DDP and FSDP2 runs on CPU (gloo) via torchrun.
+"""DPO under torch.distributed: 2-process DDP and FSDP2 runs on CPU (gloo) via torchrun.
 
 The tests launch ``python -m torch.distributed.run --nproc_per_node=2`` on this same file; its
 ``__main__`` block is the worker, which runs the named ``JOBS`` in turn. For each job every rank
 saves its final weights and per-step metrics to ``<root>/results/<job>-rank<r>.pt`` for the tests
-to compare with a single-process run.
+to compare with a single-process run. Two launches in all: the first runs every uninterrupted and
+interrupted job, the second resumes the interrupted ones.
 
 The single-process reference trains on the union of the ranks' batches: round ``k`` of a
 ``world_size=2`` plan gives rank 0 ``plan_0[k]`` and rank 1 ``plan_1[k]``, so the global batch of
@@ -30,6 +31,7 @@ import torch
 
 from rlox import DPO, PreferenceDataset
 from rlox.algorithms.dpo import schedule_factor
+from rlox.checkpoint import full_state, latest_checkpoint, load_checkpoint
 from rlox.models import TinyCausalLM, TinyLMConfig
 
 VOCAB = 32
@@ -94,6 +96,16 @@ def make_models() -> tuple[TinyCausalLM, TinyCausalLM]:
     return policy, ref
 
 
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each block, then the root (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached full copies of the weights (sharded DTensors are gathered: a collective)."""
     out = {}
@@ -113,26 +125,70 @@ JOBS: dict[str, dict[str, Any]] = {
     "interrupted": {"mode": "ddp", "output_dir": "shared", "save_every": 3, "stop_after": 5},
     # ... and a second launch resumes it.
     "resumed": {"mode": "ddp", "output_dir": "shared", "save_every": 3, "resume": True},
-    "fsdp": {"mode": "fsdp", "max_steps": 3},
+    # FSDP2 likewise: uninterrupted (then DPO.save / DPO.load), interrupted, resumed.
+    "fsdp": {"mode": "fsdp", "output_dir": "fsdp-{rank}", "save_every": 3, "reload": True},
+    "fsdp_interrupted": {
+        "mode": "fsdp",
+        "output_dir": "fsdp-shared",
+        "save_every": 3,
+        "stop_after": 5,
+    },
+    "fsdp_resumed": {"mode": "fsdp", "output_dir": "fsdp-shared", "save_every": 3, "resume": True},
+    # precompute_reference with a sharded reference, on the store at <root>/store.
+    "fsdp_reference": {"mode": "reference"},
 }
+PRECOMPUTE_KW: dict[str, Any] = {**DATA_KW, "batch_size": 4, "progress": False}
 
 
 class _Interrupted(Exception):
     """Raised from the fit callback to stop a run mid-way."""
 
 
+def reload(root: Path, trainer: DPO) -> dict[str, Any]:
+    """DPO.save a sharded trainer, load it (and the DDP run's last checkpoint) into fresh ones."""
+    policy = trainer.model
+    saved = root / "fsdp-saved"
+    trainer.save(saved)
+    fresh, ref = make_models()
+    loaded = DPO.load(saved, shard(fresh), ref)
+    other, _ = make_models()
+    other = shard(other)
+    other_opt = torch.optim.Adam(other.parameters())
+    ddp_checkpoint = latest_checkpoint(root / "out-0")
+    load_checkpoint(ddp_checkpoint, model=other, optimizer=other_opt, rng=False)
+    return {
+        "optim": full_state(policy, trainer.optimizer)[1],
+        "reload_params": full_params(fresh),
+        "reload_optim": full_state(fresh, loaded.optimizer)[1],
+        "reload_global_step": loaded.global_step,
+        "ddp_load_params": full_params(other),
+        "ddp_load_optim": full_state(other, other_opt)[1],
+    }
+
+
+def precompute_job(root: Path) -> dict[str, Any]:
+    """Reference log-probs of the store at ``root/store`` with a sharded reference."""
+    policy, ref = make_models()
+    trainer = DPO(policy, shard(ref), **TRAINER_KW)
+    cached = trainer.precompute_reference(PreferenceDataset.load(root / "store"), **PRECOMPUTE_KW)
+    return {
+        "chosen": torch.from_numpy(cached.chosen),
+        "rejected": torch.from_numpy(cached.rejected),
+        "key": json.dumps(cached.key, sort_keys=True),
+        "path": str(cached.path),
+    }
+
+
 def run_job(root: Path, name: str, rank: int, world: int) -> None:
     job = JOBS[name]
+    if job["mode"] == "reference":
+        torch.save(precompute_job(root), root / "results" / f"{name}-rank{rank}.pt")
+        return
     policy, ref = make_models()
     if job["mode"] == "ddp":
         model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(policy)
     else:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in policy.blocks:
-            fully_shard(block)
-        fully_shard(policy)
-        model = policy
+        model = shard(policy)
     trainer = DPO(model, ref, **TRAINER_KW)
     head_inputs: set[int] = set()
     policy.lm_head.register_forward_hook(lambda m, args, out: head_inputs.add(args[0].dim()))
@@ -169,6 +225,8 @@ def run_job(root: Path, name: str, rank: int, world: int) -> None:
         "vocab_size": trainer.vocab_size,
         "head_input_dims": sorted(head_inputs),
     }
+    if job.get("reload"):
+        state.update(reload(root, trainer))
     torch.save(state, root / "results" / f"{name}-rank{rank}.pt")
 
 
@@ -282,9 +340,24 @@ def reference() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """One torchrun launch: the full DDP run, the interrupted one and the FSDP2 smoke run."""
+    """The first torchrun launch: every job but the resumed ones."""
     root = tmp_path_factory.mktemp("dist")
-    return root, torchrun(root, "full", "interrupted", "fsdp")
+    make_dataset().save(root / "store")
+    jobs = ("full", "interrupted", "fsdp", "fsdp_interrupted", "fsdp_reference")
+    return root, torchrun(root, *jobs)
+
+
+@pytest.fixture(scope="module")
+def resumed(launch) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the interrupted runs left, by output_dir), then the second launch resuming them."""
+    root = launch[0]
+    left = {}
+    for out in ("shared", "fsdp-shared"):
+        left[out] = {
+            "checkpoints": sorted(p.name for p in (root / out / "checkpoints").iterdir()),
+            "steps": [r["step"] for r in read_records(root / out / "metrics.jsonl")],
+        }
+    return left, torchrun(root, "resumed", "fsdp_resumed")
 
 
 # ------------------------------------------------------------------------------ tests
@@ -334,14 +407,13 @@ def test_only_rank0_writes_metrics_and_checkpoints(launch, reference):
     assert checkpoints == ["step-3", "step-6", "step-8"]
 
 
-def test_ddp_resume_with_the_same_world_size(launch, reference):
+def test_ddp_resume_with_the_same_world_size(launch, resumed, reference):
     root, first = launch
     out = root / "shared"
     assert all(s["steps"] is None and s["global_step"] == 5 for s in first["interrupted"])
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
-    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    assert resumed[0]["shared"] == {"checkpoints": ["step-3"], "steps": [1, 2, 3, 4, 5]}
 
-    second = torchrun(root, "resumed")["resumed"]
+    second = resumed[1]["resumed"]
     for r, state in enumerate(second):
         assert state["steps"] == STEPS and state["global_step"] == STEPS, r
         assert [m["step"] for m in state["metrics"]] == list(range(4, STEPS + 1))
@@ -363,24 +435,128 @@ def test_ddp_resume_with_the_same_world_size(launch, reference):
         )
 
 
-def test_fsdp2_fully_shard_smoke(launch):
+def test_fsdp2_matches_one_process_on_the_global_batch(launch, reference):
     ranks = launch[1]["fsdp"]
-    steps = JOBS["fsdp"]["max_steps"]
     policy, _ = make_models()
     initial = full_params(policy)
-    want = reference_run(max_steps=steps)
     for r, state in enumerate(ranks):
-        assert state["steps"] == steps and state["global_step"] == steps, r
-        assert [m["step"] for m in state["metrics"]] == list(range(1, steps + 1))
+        assert state["steps"] == STEPS and state["global_step"] == STEPS, r
+        assert [m["step"] for m in state["metrics"]] == list(range(1, STEPS + 1))
         assert all(math.isfinite(m["loss"]) and m["skipped"] == 0.0 for m in state["metrics"])
         assert any(not torch.equal(state["params"][k], initial[k]) for k in initial)
         # Sharded gradients are reduce-scattered as averages, as DDP all-reduces them: the
         # same update as one process on the global batch.
-        for m, ref_m in zip(state["metrics"], want["metrics"], strict=True):
+        for m, ref_m in zip(state["metrics"], reference["metrics"], strict=True):
             assert_metrics_match(m, ref_m, (r, m["step"]))
-        assert_params_close(state["params"], want["params"])
+        assert_params_close(state["params"], reference["params"])
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name
+
+
+def assert_optim_close(got: dict[str, Any], want: dict[str, Any], **tol: float) -> None:
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys()
+    for name, state in want["state"].items():
+        assert state.keys() == got["state"][name].keys(), name
+        for k, v in state.items():
+            torch.testing.assert_close(got["state"][name][k], v, msg=f"{name}.{k}", **tol)
+
+
+def test_fsdp2_checkpoints_hold_the_full_state(launch):
+    from safetensors import safe_open
+
+    root, first = launch
+    assert not (root / "fsdp-1").exists(), "rank 1 must not write anything"
+    out = root / "fsdp-0" / "checkpoints"
+    assert sorted(p.name for p in out.iterdir()) == ["step-3", "step-6", "step-8"]
+    meta = json.loads((out / "step-8" / "checkpoint.json").read_text())
+    assert meta["optimizer_keys"] == "name" and meta["fit"]["world_size"] == WORLD
+    ddp = root / "out-0" / "checkpoints" / "step-8"
+    assert json.loads((ddp / "checkpoint.json").read_text())["optimizer_keys"] == "index"
+    # The same weights file as an unsharded model's: full tensors, the tied head stored once.
+    with (
+        safe_open(out / "step-8" / "model.safetensors", "pt") as f,
+        safe_open(ddp / "model.safetensors", "pt") as g,
+    ):
+        assert sorted(f.keys()) == sorted(g.keys())
+        assert "tok_emb.weight" not in f.keys()
+        assert f.metadata() == g.metadata() == {"tok_emb.weight": "lm_head.weight"}
+        for k in f.keys():
+            assert f.get_tensor(k).shape == g.get_tensor(k).shape, k
+
+    # One process reads it into a plain model and optimizer: the FSDP run's final state, and
+    # an optimizer state close to the DDP run's.
+    fsdp = first["fsdp"][0]
+    policy, ref = make_models()
+    trainer = DPO(policy, ref, **TRAINER_KW)
+    meta = load_checkpoint(out / "step-8", model=policy, optimizer=trainer.optimizer, rng=False)
+    assert meta["step"] == STEPS
+    for name, value in fsdp["params"].items():
+        assert torch.equal(full_params(policy)[name], value), name
+    want = torch.load(ddp / "optimizer.pt", weights_only=True)
+    assert_optim_close(trainer.optimizer.state_dict(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp2_save_and_load(launch):
+    root, first = launch
+    ranks = first["fsdp"]
+    for r, state in enumerate(ranks):
+        assert state["reload_global_step"] == STEPS, r
+        for name, value in state["params"].items():
+            assert torch.equal(state["reload_params"][name], value), (r, name)
+        # An index-keyed (DDP) checkpoint loads into a sharded model too.
+        assert_params_close(state["ddp_load_params"], state["params"])
+    # Rank 0 holds the gathered optimizer states (keyed by parameter name).
+    optim = ranks[0]["optim"]
+    assert "tok_emb.weight" in optim["state"] and len(optim["state"]) > 4
+    assert_optim_close(ranks[0]["reload_optim"], optim, rtol=0, atol=0)
+    assert_optim_close(ranks[0]["ddp_load_optim"], optim, rtol=1e-4, atol=1e-6)
+    assert ranks[1]["optim"] == {}
+
+    # A single process loads the sharded trainer's save into a plain model.
+    policy, ref = make_models()
+    loaded = DPO.load(root / "fsdp-saved", policy, ref)
+    assert loaded.global_step == STEPS
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(full_params(policy)[name], value), name
+    names = [n for n, _ in policy.named_parameters()]
+    got = loaded.optimizer.state_dict()
+    assert {names[i] for i in got["state"]} == set(optim["state"])
+    for i, state in got["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, optim["state"][names[i]][k]), (names[i], k)
+
+
+def test_fsdp2_resume_with_the_same_world_size(launch, resumed, reference):
+    root, first = launch
+    assert all(s["steps"] is None and s["global_step"] == 5 for s in first["fsdp_interrupted"])
+    assert resumed[0]["fsdp-shared"] == {"checkpoints": ["step-3"], "steps": [1, 2, 3, 4, 5]}
+    for r, state in enumerate(resumed[1]["fsdp_resumed"]):
+        assert state["steps"] == STEPS and state["global_step"] == STEPS, r
+        assert [m["step"] for m in state["metrics"]] == list(range(4, STEPS + 1))
+        assert_params_close(state["params"], first["fsdp"][r]["params"])
+        assert_params_close(state["params"], reference["params"])
+    out = root / "fsdp-shared"
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-3", "step-6", "step-8"]
+
+
+def test_fsdp2_precompute_reference_with_a_sharded_reference(launch):
+    root, first = launch
+    policy, ref = make_models()
+    want = DPO(policy, ref, **TRAINER_KW).precompute_reference(make_dataset(), **PRECOMPUTE_KW)
+    for r, got in enumerate(first["fsdp_reference"]):
+        # The whole tensors are hashed: the key (weights digest included) is the unsharded one's.
+        assert json.loads(got["key"]) == want.key, r
+        np.testing.assert_allclose(got["chosen"].numpy(), want.chosen, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got["rejected"].numpy(), want.rejected, rtol=0, atol=1e-5)
+        assert not np.isnan(got["chosen"].numpy()).any()
+    # Rank 0 wrote the cache next to the store.
+    rank0 = first["fsdp_reference"][0]
+    path = Path(rank0["path"])
+    assert path.parent == root / "store" / "reference_logps" and path.is_file()
+    assert np.array_equal(np.load(path), torch.stack([rank0["chosen"], rank0["rejected"]]).numpy())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ Checkpoints are written into a hidden temporary directory next to their final pl
 is fsynced, and the directory is renamed into place, so a crash mid-write leaves the previous
 checkpoints intact and never a directory that :func:`latest_checkpoint` would pick. Loading runs
 no pickled code.
+
+Sharded models (FSDP2 ``fully_shard``, whose parameters are DTensors) are saved as full tensors:
+every rank takes part in gathering the weights and optimizer state
+(``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True, cpu_offload=True``),
+rank 0 writes the same files as for an unsharded model, and loading gives every rank its shards.
+The optimizer state of an unsharded model is its ``state_dict()``, keyed by parameter index; that
+of a sharded model is keyed by parameter name (fully qualified, as in ``named_parameters()``).
+``checkpoint.json`` names the one used (``"optimizer_keys"``: ``"index"`` or ``"name"``) and
+loading reads either into either kind of model.
 """
 
 from __future__ import annotations
@@ -35,11 +44,18 @@ __all__ = [
     "CHECKPOINTS",
     "MARKER",
     "capture_rng",
+    "full_state",
+    "full_tensor",
+    "is_sharded",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_optimizer_state",
+    "load_weights",
+    "optimizer_keys",
     "restore_rng",
     "save_checkpoint",
+    "save_weights",
 ]
 
 CHECKPOINTS = "checkpoints"
@@ -55,6 +71,209 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _dist() -> Any:
+    dist = torch.distributed
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole tensor of a DTensor (a collective: every rank must call it)."""
+    dtensor = _dtensor_type()
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _tied_names(module: nn.Module) -> list[list[str]]:
+    """Groups (sorted) of state-dict names that share one tensor, e.g. tied embeddings."""
+    names = set(module.state_dict(keep_vars=True))
+    groups: dict[int, list[str]] = {}
+    named = [*module.named_parameters(remove_duplicate=False)]
+    named += module.named_buffers(remove_duplicate=False)
+    for name, t in named:
+        if name in names:
+            groups.setdefault(id(t), []).append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def _param_names(module: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each parameter of ``optimizer``, in the order of its ``state_dict`` indices."""
+    names: dict[int, str] = {}
+    for name, p in module.named_parameters():
+        names.setdefault(id(p), name)
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    missing = [i for i, p in enumerate(order) if id(p) not in names]
+    if missing:
+        raise ValueError(
+            f"optimizer: parameter {missing[0]} of the optimizer is not a parameter of the model"
+        )
+    return [names[id(p)] for p in order]
+
+
+def optimizer_keys(state: Mapping[str, Any]) -> str:
+    """``"name"`` when an optimizer ``state_dict`` is keyed by parameter name, else ``"index"``."""
+    keys = list(state.get("state", {})) or [
+        p for g in state.get("param_groups", []) for p in g["params"]
+    ]
+    return "name" if keys and isinstance(keys[0], str) else "index"
+
+
+def _rekey(state: Mapping[str, Any], mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    try:
+        return {
+            "state": {mapping[k]: v for k, v in state["state"].items()},
+            "param_groups": [
+                dict(g, params=[mapping[p] for p in g["params"]]) for g in state["param_groups"]
+            ],
+        }
+    except KeyError as e:
+        raise ValueError(
+            f"optimizer: the saved state names parameter {e} the model lacks"
+        ) from None
+
+
+def full_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full weights and optimizer state (keyed by name) of a sharded ``module``, on the CPU.
+
+    A collective: every rank must call it; rank 0 gets the state, the other ranks empty dicts.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(module, options=options)
+    optim: dict[str, Any] = {}
+    if optimizer is not None:
+        if optimizer.state:
+            optim = get_optimizer_state_dict(module, optimizer, options=options)
+        elif _dist() is None or torch.distributed.get_rank() == 0:
+            # Nothing to gather; get_optimizer_state_dict would initialise the state by a step.
+            optim = _rekey(optimizer.state_dict(), dict(enumerate(_param_names(module, optimizer))))
+    return weights, optim
+
+
+def save_weights(
+    module: nn.Module,
+    filename: str | os.PathLike[str],
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``module``'s weights as safetensors, tensors shared under several names stored once.
+
+    ``weights``: the full state dict of a sharded ``module`` (from :func:`full_state`); the file
+    is then the one ``safetensors.torch.save_model`` writes for the unsharded model.
+    """
+    from safetensors.torch import save_file, save_model
+
+    if weights is None:
+        save_model(module, str(filename))
+        return
+    tensors = dict(weights)
+    metadata: dict[str, str] = {}
+    for group in _tied_names(module):
+        for name in group[1:]:
+            metadata[name] = group[0]
+            tensors.pop(name, None)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(filename), metadata=metadata or None)
+
+
+def load_weights(module: nn.Module, filename: str | os.PathLike[str]) -> None:
+    """Load a file of :func:`save_weights` into ``module`` (strict).
+
+    A sharded ``module`` is a collective: every rank reads the file and keeps its shards.
+    """
+    from safetensors.torch import load_file, load_model
+
+    if not is_sharded(module):
+        load_model(module, str(filename))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    weights = load_file(str(filename))
+    for group in _tied_names(module):
+        present = [n for n in group if n in weights]
+        for name in group:
+            if present and name not in weights:
+                weights[name] = weights[present[0]]
+    set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_state(
+    module: nn.Module | None, optimizer: torch.optim.Optimizer, state: Mapping[str, Any]
+) -> None:
+    """Load an optimizer ``state_dict`` keyed by index or by name (see :func:`optimizer_keys`).
+
+    ``module`` is needed to map names to parameters; a sharded ``module`` is a collective: the
+    full state is given on every rank and each keeps its shards.
+    """
+    by_name = optimizer_keys(state) == "name"
+    if module is None:
+        if by_name:
+            raise ValueError("model: an optimizer state keyed by name needs the model")
+        optimizer.load_state_dict(state)
+        return
+    if not is_sharded(module) or not state["state"]:
+        if by_name:
+            names = _param_names(module, optimizer)
+            state = _rekey(state, {n: i for i, n in enumerate(names)})
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    if not by_name:
+        state = _rekey(state, dict(enumerate(_param_names(module, optimizer))))
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"optimizer: the saved state has {len(state['param_groups'])} parameter groups, "
+            f"the optimizer {len(optimizer.param_groups)}"
+        )
+    options = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    # set_optimizer_state_dict fails on group options the optimizer lacks (a scheduler's
+    # initial_lr), and turns tuples (Adam's betas) into lists: set the saved ones before and after.
+    for group, saved in zip(optimizer.param_groups, options, strict=True):
+        group.update(saved)
+    set_optimizer_state_dict(
+        module,
+        optimizer,
+        dict(state),
+        options=StateDictOptions(full_state_dict=True, strict=False),
+    )
+    for group, saved in zip(optimizer.param_groups, options, strict=True):
+        group.update(saved)
+
+
+def _all_agree(failed: bool, module: nn.Module) -> bool:
+    """Whether no rank ``failed`` (a collective)."""
+    dist = _dist()
+    if dist is None:
+        return not failed
+    p = next(iter(module.parameters()), None)
+    device = torch.device("cpu") if p is None else p.device
+    flag = torch.tensor([float(failed)], device=device)
+    dist.all_reduce(flag)
+    return float(flag.item()) == 0.0
 
 
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -115,14 +334,56 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: Mapping[str, Any],
     keep: int | None = None,
-) -> Path:
+    collective: bool | None = None,
+) -> Path | None:
     """Atomically write ``output_dir/checkpoints/step-<step>/``; return its path.
 
     ``state`` is any JSON-able mapping (stored in ``checkpoint.json`` with the generator states).
     An existing checkpoint of the same step is replaced. With ``keep``, only the ``keep`` newest
     complete checkpoints are kept afterwards.
+
+    ``collective`` (always so for a sharded ``model``): every rank of the initialised process
+    group calls this; the full state is gathered, rank 0 alone writes and the ranks wait for it.
+    A failed write then raises on every rank, and the other ranks return None.
     """
-    from safetensors.torch import save_file, save_model
+    sharded = is_sharded(model)
+    dist = _dist()
+    collective = dist is not None and (sharded or bool(collective))
+    writer = not collective or dist.get_rank() == 0
+    weights: dict[str, torch.Tensor] | None = None
+    optim: Mapping[str, Any] = {}
+    if sharded:
+        weights, optim = full_state(model, optimizer)
+    elif writer:
+        optim = optimizer.state_dict()
+    final: Path | None = None
+    error: Exception | None = None
+    if writer:
+        try:
+            final = _write_checkpoint(output_dir, step, model, weights, optim, state)
+            if keep is not None:
+                for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+                    shutil.rmtree(stale, ignore_errors=True)
+        except Exception as e:
+            if not collective:
+                raise
+            error = e
+    if collective and not _all_agree(error is not None, model):
+        if error is not None:
+            raise error
+        raise RuntimeError(f"checkpoint: rank 0 failed to write step-{step} (see its error)")
+    return final
+
+
+def _write_checkpoint(
+    output_dir: str | os.PathLike[str],
+    step: int,
+    model: nn.Module,
+    weights: Mapping[str, torch.Tensor] | None,
+    optim: Mapping[str, Any],
+    state: Mapping[str, Any],
+) -> Path:
+    from safetensors.torch import save_file
 
     root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -130,12 +391,18 @@ def save_checkpoint(
     tmp = root / f"{_TMP_PREFIX}step-{step}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_weights(model, tmp / "model.safetensors", weights)
         with open(tmp / "optimizer.pt", "wb") as f:
-            torch.save(optimizer.state_dict(), f)
+            torch.save(optim, f)
         plain_rng, tensor_rng = capture_rng()
         save_file({k: v.contiguous() for k, v in tensor_rng.items()}, str(tmp / "rng.safetensors"))
-        meta = {"format": FORMAT, "step": int(step), "rng": plain_rng, **state}
+        meta = {
+            "format": FORMAT,
+            "step": int(step),
+            "rng": plain_rng,
+            "optimizer_keys": optimizer_keys(optim),
+            **state,
+        }
         (tmp / MARKER).write_text(json.dumps(meta, indent=1, allow_nan=True))
         for f in tmp.iterdir():
             _fsync(f)
@@ -151,9 +418,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep is not None:
-        for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -176,9 +440,10 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint`; return its ``checkpoint.json``.
 
     Loads the weights into ``model`` and the state into ``optimizer`` when given, and restores
-    the global generators when ``rng``. No pickled code is run.
+    the global generators when ``rng``. No pickled code is run. With a sharded ``model`` every
+    rank must call it: each reads the full state and keeps its shards.
     """
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
 
     path = Path(path)
     marker = path / MARKER
@@ -190,9 +455,10 @@ def load_checkpoint(
     if meta.get("format") != FORMAT:
         raise ValueError(f"resume_from: {marker} is not an rlox checkpoint")
     if model is not None:
-        load_model(model, str(path / "model.safetensors"))
+        load_weights(model, path / "model.safetensors")
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optim = torch.load(path / "optimizer.pt", weights_only=True)
+        load_optimizer_state(model, optimizer, optim)
     if rng:
         restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")))
     return meta

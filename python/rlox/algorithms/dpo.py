@@ -23,7 +23,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rlox import __version__, _rlox
-from rlox.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from rlox.checkpoint import (
+    full_state,
+    full_tensor,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    load_weights,
+    optimizer_keys,
+    remove_partial,
+    save_checkpoint,
+    save_weights,
+)
 from rlox.data import PairBatch, PreferenceDataset, batch_from_arrays
 from rlox.losses import LOSS_DEFAULTS, check_loss_options, dpo_loss
 from rlox.tracking import MetricsWriter, format_record, make_record
@@ -408,7 +420,9 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 def weights_digest(module: nn.Module, *, frozen_only: bool = False) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of ``module``'s parameters and buffers.
 
-    ``frozen_only`` skips parameters with ``requires_grad`` (a peft model's adapters).
+    ``frozen_only`` skips parameters with ``requires_grad`` (a peft model's adapters). Sharded
+    (DTensor) tensors are hashed whole, so every rank of a sharded module gets the digest of the
+    unsharded one (a collective: every rank must call it).
     """
     digest = hashlib.sha256()
     named = [*module.named_parameters(remove_duplicate=False)]
@@ -416,7 +430,7 @@ def weights_digest(module: nn.Module, *, frozen_only: bool = False) -> str:
     for name, t in named:
         if frozen_only and isinstance(t, nn.Parameter) and t.requires_grad:
             continue
-        data = t.detach().cpu().contiguous().reshape(-1)
+        data = full_tensor(t.detach()).cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{data.dtype}|{tuple(t.shape)}|".encode())
         digest.update(data.view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -954,10 +968,12 @@ class DPO:
         and checkpoints.
 
         Under ``torch.distributed`` (initialised by the caller, who also wraps ``model`` in
-        ``DistributedDataParallel``), each rank takes its share of every planned round, ``N`` and
-        the metrics are summed over ranks, and only rank 0 logs, shows progress and writes
-        checkpoints. Every micro-batch must keep at least one pair after truncation on every
-        rank. On resume only rank 0's generator states are restored.
+        ``DistributedDataParallel`` or shards it with FSDP2 ``fully_shard``), each rank takes its
+        share of every planned round, ``N`` and the metrics are summed over ranks, and only rank 0
+        logs, shows progress and writes checkpoints (the full state of a sharded model is
+        gathered from every rank first; resuming gives every rank its shards). Every micro-batch
+        must keep at least one pair after truncation on every rank. On resume only rank 0's
+        generator states are restored.
 
         Args:
             lr_scheduler, warmup_steps: see :func:`schedule_factor`; the total is the number of
@@ -1122,7 +1138,7 @@ class DPO:
             return result
 
         def save() -> Path | None:
-            if not main or out_dir is None:
+            if out_dir is None:
                 return None
             state = {
                 "rlox_version": __version__,
@@ -1147,6 +1163,7 @@ class DPO:
                 optimizer=self.optimizer,
                 state=state,
                 keep=save_total_limit,
+                collective=True,
             )
 
         try:
@@ -1488,17 +1505,45 @@ class DPO:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write policy weights (safetensors), optimizer state and config to directory ``path``."""
-        from safetensors.torch import save_model
+        """Write policy weights (safetensors), optimizer state and config to directory ``path``.
 
+        With a sharded (FSDP2) policy every rank must call it: the full weights and optimizer
+        state (keyed by parameter name) are gathered and rank 0 writes them.
+        """
         path = Path(path)
+        model = _unwrap(self.model)
+        if not is_sharded(model):
+            self._write(path, model, None, self.optimizer.state_dict())
+            return path
+        weights, optim = full_state(model, self.optimizer)
+        failed = False
+        try:
+            if _rank_world()[0] == 0:
+                self._write(path, model, weights, optim)
+        except Exception:
+            failed = True
+            raise
+        finally:
+            (failures,) = _all_reduce([float(failed)], next(model.parameters()).device)
+        if failures:
+            raise RuntimeError("path: rank 0 failed to write the trainer (see its error)")
+        return path
+
+    def _write(
+        self,
+        path: Path,
+        model: nn.Module,
+        weights: dict[str, Tensor] | None,
+        optim: dict[str, Any],
+    ) -> None:
         path.mkdir(parents=True, exist_ok=True)
-        save_model(_unwrap(self.model), str(path / "model.safetensors"))
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        save_weights(model, path / "model.safetensors", weights)
+        torch.save(optim, path / "optimizer.pt")
         meta = {
             "rlox_version": __version__,
             "config": asdict(self.config),
             "optimizer": type(self.optimizer).__name__,
+            "optimizer_keys": optimizer_keys(optim),
             "weight_decay": self._weight_decay,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
@@ -1506,7 +1551,6 @@ class DPO:
             "bco_reward_count": self.bco_reward_count,
         }
         (path / "trainer.json").write_text(json.dumps(meta, indent=2))
-        return path
 
     @classmethod
     def load(
@@ -1519,10 +1563,10 @@ class DPO:
     ) -> DPO:
         """Restore a trainer written by :meth:`save` into ``model`` (no pickled code is run).
 
-        ``kwargs`` go to the constructor (e.g. ``precomputed_reference=True``).
+        ``kwargs`` go to the constructor (e.g. ``precomputed_reference=True``). With a sharded
+        (FSDP2) ``model`` every rank must call it; each reads the files and keeps its shards.
+        The optimizer state may be keyed by parameter index or name (a sharded model's save).
         """
-        from safetensors.torch import load_model
-
         path = Path(path)
         meta_file = path / "trainer.json"
         if not meta_file.is_file():
@@ -1532,11 +1576,12 @@ class DPO:
             raise ValueError(
                 f"optimizer: the checkpoint used {meta['optimizer']}; pass an optimizer of that type"
             )
-        load_model(_unwrap(model), str(path / "model.safetensors"))
+        load_weights(_unwrap(model), path / "model.safetensors")
         trainer = cls(model, ref_model, optimizer=optimizer, **meta["config"], **kwargs)
         if optimizer is None:
             trainer._configure_optimizer(float(meta.get("weight_decay", 0.0)))
-        trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optim = torch.load(path / "optimizer.pt", weights_only=True)
+        load_optimizer_state(_unwrap(model), trainer.optimizer, optim)
         trainer.global_step = int(meta["global_step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.bco_reward_sum = float(meta.get("bco_reward_sum", 0.0))
