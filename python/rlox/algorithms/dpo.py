@@ -1282,6 +1282,43 @@ class DPO:
         share and the sums are all-reduced.
         """
         _check_dataset("dataset", dataset)
+        data_kw, plan_kw, collate_kw = self._scoring_options(
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            layout=layout,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            pack_length=pack_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            mixed_precision=mixed_precision,
+        )
+        previous = self._autocast
+        self._autocast = _AUTOCAST[mixed_precision]
+        try:
+            reference = self._reference_source(dataset, data_kw)
+            return self._evaluate(dataset, plan_kw, collate_kw, reference)
+        finally:
+            self._autocast = previous
+
+    def _scoring_options(
+        self,
+        *,
+        batch_size: int | None,
+        max_tokens: int | None,
+        layout: str,
+        max_length: int | None,
+        max_prompt_length: int | None,
+        truncation: str,
+        pack_length: int | None,
+        pad_to_multiple_of: int | None,
+        mixed_precision: str | None,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(data, plan, collate) keyword dicts of one pass over a dataset without training.
+
+        ``batch_size`` defaults to 16 when ``max_tokens`` is not given either; ``packed`` rows
+        default to ``max_length`` tokens.
+        """
         if mixed_precision not in _AUTOCAST:
             raise ValueError(f"mixed_precision: expected None or 'bf16', got {mixed_precision!r}")
         if batch_size is None and max_tokens is None:
@@ -1300,13 +1337,7 @@ class DPO:
         collate_kw = dict(
             data_kw, pad_token_id=self.config.pad_token_id or 0, vocab_size=self.vocab_size
         )
-        previous = self._autocast
-        self._autocast = _AUTOCAST[mixed_precision]
-        try:
-            reference = self._reference_source(dataset, data_kw)
-            return self._evaluate(dataset, plan_kw, collate_kw, reference)
-        finally:
-            self._autocast = previous
+        return data_kw, plan_kw, collate_kw
 
     def _evaluate(
         self,
@@ -1391,32 +1422,19 @@ class DPO:
             raise ValueError(
                 "ref_model: precompute_reference needs a reference model (or a peft model)"
             )
-        if mixed_precision not in _AUTOCAST:
-            raise ValueError(f"mixed_precision: expected None or 'bf16', got {mixed_precision!r}")
-        if batch_size is None and max_tokens is None:
-            batch_size = 16
-        if layout == "packed" and pack_length is None:
-            pack_length = max_length
-        data_kw = dict(
+        data_kw, plan_kw, collate_kw = self._scoring_options(
+            batch_size=batch_size,
+            max_tokens=max_tokens,
             layout=layout,
             max_length=max_length,
             max_prompt_length=max_prompt_length,
             truncation=truncation,
-            pad_to_multiple_of=pad_to_multiple_of,
             pack_length=pack_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            mixed_precision=mixed_precision,
         )
         rank, world = _rank_world()
-        plan = dataset.batches(
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-            shuffle=False,
-            rank=rank,
-            world_size=world,
-            **data_kw,
-        )
-        collate_kw = dict(
-            data_kw, pad_token_id=self.config.pad_token_id or 0, vocab_size=self.vocab_size
-        )
+        plan = dataset.batches(shuffle=False, rank=rank, world_size=world, **plan_kw)
         n = len(dataset)
         logps = torch.zeros(2, n, dtype=torch.float64)
         seen = torch.zeros(n, dtype=torch.float64)
