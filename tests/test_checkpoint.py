@@ -208,6 +208,24 @@ def test_rotation_keeps_the_newest(tmp_path):
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+def test_resuming_an_older_checkpoint_supersedes_the_later_ones(tmp_path):
+    kw = dict(batch_size=2, save_every=1, output_dir=tmp_path, progress=False, log_every=None)
+    build_trainer().fit(make_dataset(10, 0), save_total_limit=10, **kw)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step-{k}" for k in range(1, 6)]
+    # branch off step 2 with a limit of 2: step 3 of the new run replaces steps 3..5 of the old
+    # one, and rotation keeps the resumed-from checkpoint and the new one
+    resumed = build_trainer()
+    resumed.fit(
+        make_dataset(10, 0),
+        resume_from=tmp_path / "checkpoints" / "step-2",
+        save_total_limit=2,
+        max_steps=3,
+        **kw,
+    )
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-3"
+
+
 def test_checkpoint_contents_and_loading_runs_no_pickle(tmp_path, monkeypatch):
     trainer = build_trainer()
     result = trainer.fit(

@@ -540,7 +540,34 @@ def test_precomputed_reference(capsys, workdir, tmp_path):
         "3e-3",
     )
     assert code == 0, err
-    assert list((store / "reference_logps").glob("*.npy"))
+    cached_files = {p: p.stat().st_mtime_ns for p in (store / "reference_logps").glob("*.npy")}
+    assert cached_files
+    # resuming reads the log-probs already stored instead of running the reference again
+    code, _, err = run(
+        capsys,
+        "train",
+        "--model",
+        workdir / "model",
+        "--data",
+        store,
+        "--output-dir",
+        tmp_path / "run",
+        "--max-length",
+        "48",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--resume-from",
+        "latest",
+        "--precompute-reference",
+        "--no-progress",
+        "--lr",
+        "3e-3",
+    )
+    assert code == 0, err
+    again = {p: p.stat().st_mtime_ns for p in (store / "reference_logps").glob("*.npy")}
+    assert again == cached_files
     final = tmp_path / "run" / "final"
     code, out, err = run(
         capsys, "eval", "--model", final, "--data", store, "--precomputed-reference", *common

@@ -483,6 +483,20 @@ def test_reference_cache_is_invalidated_by_weights_data_and_settings(tmp_path):
         blind.train_step(ds.collate([0, 1]))
 
 
+def test_missing_eval_cache_fails_before_any_step(tmp_path):
+    train, test = make_dataset(12), make_dataset(6, seed=4)
+    ref = make_model()
+    DPO(perturbed(ref), ref).precompute_reference(train, max_length=16, progress=False)
+    policy = perturbed(ref)
+    before = params(policy)
+    blind = DPO(policy, None, precomputed_reference=True)
+    with pytest.raises(ValueError, match="no precomputed reference log-probs match"):
+        blind.fit(train, test, batch_size=4, max_length=16, output_dir=tmp_path, progress=False)
+    assert blind.global_step == 0
+    assert all(torch.equal(before[k], v) for k, v in params(policy).items())
+    assert not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_dataset_fingerprint_ignores_storage_dtype(tmp_path):
     a = make_dataset(5)
     arrays = {k: v.astype(np.int64) for k, v in a.arrays.items()}

@@ -339,8 +339,9 @@ def save_checkpoint(
     """Atomically write ``output_dir/checkpoints/step-<step>/``; return its path.
 
     ``state`` is any JSON-able mapping (stored in ``checkpoint.json`` with the generator states).
-    An existing checkpoint of the same step is replaced. With ``keep``, only the ``keep`` newest
-    complete checkpoints are kept afterwards.
+    An existing checkpoint of the same step is replaced, and checkpoints of later steps (left by
+    the run that a resumed run branched off from) are removed, so the highest step is always the
+    newest state. With ``keep``, only the ``keep`` newest complete checkpoints are kept afterwards.
 
     ``collective`` (always so for a sharded ``model``): every rank of the initialised process
     group calls this; the full state is gathered, rank 0 alone writes and the ranks wait for it.
@@ -361,9 +362,12 @@ def save_checkpoint(
     if writer:
         try:
             final = _write_checkpoint(output_dir, step, model, weights, optim, state)
-            if keep is not None:
-                for stale in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-                    shutil.rmtree(stale, ignore_errors=True)
+            found = list_checkpoints(output_dir)
+            later = [p for p in found if int(_STEP_DIR.match(p.name).group(1)) > step]
+            found = found[: len(found) - len(later)]
+            stale = found[:-keep] if keep is not None and keep > 0 else []
+            for path in [*later, *stale]:
+                shutil.rmtree(path, ignore_errors=True)
         except Exception as e:
             if not collective:
                 raise

@@ -1021,7 +1021,8 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
         keys = ("batch_size", "max_tokens", "layout", "max_length", "max_prompt_length")
         data_kwargs = {k: fit_kwargs[k] for k in (*keys, "truncation", "mixed_precision")}
         for ds in (train_ds, eval_ds):
-            if ds is not None:
+            # A store that already holds matching log-probs (a resumed run) is not scored again.
+            if ds is not None and trainer._reference_source(ds, data_kwargs) is None:
                 trainer.precompute_reference(ds, progress=progress, **data_kwargs)
         if not peft:
             # The cached log-probs replace the frozen copy, which is freed.

@@ -42,7 +42,6 @@ impl<'a> Ints<'a> {
         }
     }
 
-    /// Write the values into `dst` (same length) as `i64`.
     /// Ask the CPU to start loading these ids into cache (a hint; no effect on results).
     pub fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]
@@ -60,6 +59,7 @@ impl<'a> Ints<'a> {
         }
     }
 
+    /// Write the values into `dst` (same length) as `i64`.
     pub fn write_to(&self, dst: &mut [std::mem::MaybeUninit<i64>]) {
         match self {
             Ints::I32(v) => dst.iter_mut().zip(*v).for_each(|(d, &s)| {

@@ -154,8 +154,21 @@ def _is_peft(model: nn.Module) -> bool:
     )
 
 
+def _is_fsdp_root(model: nn.Module) -> bool:
+    """Whether ``model`` itself was sharded with FSDP2 ``fully_shard``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) of a Hugging Face causal LM whose logits are lm_head(last hidden)."""
+    if _is_fsdp_root(model):
+        # Calling the parts directly would skip the root's hook that gathers its own shards
+        # (embeddings, final norm, head): run the whole forward instead.
+        return None
     if _is_peft(model):
         # LoRA-style adapters live inside the wrapped model; prompt learning adds virtual tokens
         # in PeftModel.forward, which must then run in full.
@@ -626,11 +639,10 @@ class DPO:
         # Look through a DistributedDataParallel wrapper: it passes keywords to the module as given.
         self.vocab_size = model_vocab_size(_unwrap(model))
         self._policy_kwargs = _accepted_kwargs(_unwrap(model))
-        self._inner_kwargs = _accepted_kwargs(_unwrap(model))
         if self.ref_model is not None:
             self._ref_kwargs: frozenset[str] | None = _accepted_kwargs(self.ref_model)
         else:
-            self._ref_kwargs = self._inner_kwargs if peft_reference else None
+            self._ref_kwargs = self._policy_kwargs if peft_reference else None
         self._components = tuple(info["components"])
         self._uses_bco = any(t == "bco_pair" for t, _ in info["terms"])
         # Running mean of the rewards (BCO's shift): sum and count of all rewards seen in training.
@@ -695,13 +707,10 @@ class DPO:
         """
         b = batch.num_pairs
         cfg = self.config
-        model, kwargs = (
-            (self.model, self._policy_kwargs)
-            if training
-            else (_unwrap(self.model), self._inner_kwargs)
-        )
+        # Training goes through a DDP wrapper (its gradient hooks); evaluation needs none.
+        model = self.model if training else _unwrap(self.model)
         policy = sequence_logps(
-            model, batch, kwargs, ld_alpha=cfg.ld_alpha, autocast=self._autocast
+            model, batch, self._policy_kwargs, ld_alpha=cfg.ld_alpha, autocast=self._autocast
         )
         with torch.no_grad():
             if ref is None and self._needs_reference:
@@ -812,7 +821,9 @@ class DPO:
             return dict.fromkeys(_METRICS, math.nan) | {"grad_norm": math.nan, "skipped": 1.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, metrics = self._loss(batch, training=True)
+        # Under DDP a non-finite loss must still back-propagate (as NaN), or the other ranks
+        # would wait for this rank's gradients forever; the step is then skipped everywhere.
+        loss, metrics = self._loss(batch, training=True, nan_loss=_dist() is not None)
         grad_norm = math.nan
         if loss is not None:
             loss.backward()
@@ -1119,7 +1130,7 @@ class DPO:
         previous_autocast = self._autocast
         self._autocast = _AUTOCAST[mixed_precision]
         start = time.perf_counter() - elapsed
-        eval_reference: list[_CachedReference | None] = []
+        eval_reference: _CachedReference | None = None
 
         def emit(split: str, metrics: dict[str, float]) -> None:
             if not main:
@@ -1131,9 +1142,7 @@ class DPO:
 
         def run_eval() -> dict[str, float]:
             assert eval_dataset is not None
-            if not eval_reference:
-                eval_reference.append(self._reference_source(eval_dataset, data_kw))
-            result = self._evaluate(eval_dataset, eval_plan_kw, collate_kw, eval_reference[0])
+            result = self._evaluate(eval_dataset, eval_plan_kw, collate_kw, eval_reference)
             emit("eval", result)
             return result
 
@@ -1167,7 +1176,10 @@ class DPO:
             )
 
         try:
+            # Both reference sources are resolved before any step, so a missing cache fails fast.
             train_reference = self._reference_source(train_dataset, data_kw)
+            if eval_dataset is not None:
+                eval_reference = self._reference_source(eval_dataset, data_kw)
             while step < total and epoch < epochs:
                 plan = train_dataset.batches(epoch=epoch, **plan_kw)
                 while batch_idx < len(plan) and step < total:
@@ -1525,13 +1537,15 @@ class DPO:
     def save(self, path: str | Path) -> Path:
         """Write policy weights (safetensors), optimizer state and config to directory ``path``.
 
-        With a sharded (FSDP2) policy every rank must call it: the full weights and optimizer
-        state (keyed by parameter name) are gathered and rank 0 writes them.
+        Under ``torch.distributed`` only rank 0 writes. With a sharded (FSDP2) policy every rank
+        must call it: the full weights and optimizer state (keyed by parameter name) are gathered
+        and rank 0 writes them.
         """
         path = Path(path)
         model = _unwrap(self.model)
         if not is_sharded(model):
-            self._write(path, model, None, self.optimizer.state_dict())
+            if _dist() is None or _dist().get_rank() == 0:
+                self._write(path, model, None, self.optimizer.state_dict())
             return path
         weights, optim = full_state(model, self.optimizer)
         failed = False
