@@ -240,8 +240,13 @@ def throughput(steps: int) -> None:
     from rlox.demo import DemoConfig
 
     cfg = DemoConfig()
-    print(f"\nfit throughput on {device_name()} (bf16 autocast, batch 64 pairs)")
-    print(f"{'model':<28}{'layout':<16}{'steps/s':>10}{'completion tok/s':>20}")
+    print(
+        f"\nfit throughput on {device_name()}, 64 pairs/step, steps/s; 'first' is a first pass "
+        "over the batches (attention kernels are planned once per new sequence length), "
+        "'steady' the same batches again"
+    )
+    cols = ("fp32 steady", "bf16 first", "bf16 steady", "bf16 pad64 first", "bf16 tok/s")
+    print(f"{'model':<26}{'layout':<15}" + "".join(f"{c:>18}" for c in cols))
     models = {
         "demo-sized TinyCausalLM": TinyLMConfig(
             vocab_size=64, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
@@ -251,23 +256,32 @@ def throughput(steps: int) -> None:
             vocab_size=64, d_model=512, n_layers=8, n_heads=8, max_seq_len=128
         ),
     }  # fmt: skip
-    ds = planted(64 * (steps + 5), 64, 5)
+    ds = planted(64 * steps, 64, 5)
     lengths = ds.lengths()
-    for name, config in models.items():
-        for layout in LAYOUTS:
-            torch.manual_seed(0)
-            model = TinyCausalLM(config).to(DEVICE)
-            trainer = DPO(model, copy.deepcopy(model))
-            warm = ds.select(np.arange(64 * 3))
-            trainer.fit(warm, batch_size=64, layout=layout, progress=False, log_every=10**9)
+    tokens = float(lengths.chosen.sum() + lengths.rejected.sum())
+
+    def rate(config: TinyLMConfig, layout: str, passes: int, **kw: object) -> float:
+        torch.manual_seed(0)
+        model = TinyCausalLM(config).to(DEVICE)
+        trainer = DPO(model, copy.deepcopy(model))
+        for _ in range(passes):
             sync()
             t0 = time.perf_counter()
-            trainer.fit(ds, batch_size=64, layout=layout, max_steps=steps, progress=False,
-                        log_every=10**9, mixed_precision="bf16")  # fmt: skip
+            trainer.fit(ds, batch_size=64, layout=layout, progress=False, log_every=10**9, **kw)
             sync()
-            dt = time.perf_counter() - t0
-            tokens = (lengths.chosen.mean() + lengths.rejected.mean()) * 64 * steps
-            print(f"{name:<28}{layout:<16}{steps / dt:>10.1f}{tokens / dt:>20,.0f}", flush=True)
+        return steps / (time.perf_counter() - t0)
+
+    for name, config in models.items():
+        for layout in LAYOUTS:
+            row = [
+                rate(config, layout, 2),
+                rate(config, layout, 1, mixed_precision="bf16"),
+                rate(config, layout, 2, mixed_precision="bf16"),
+                rate(config, layout, 1, mixed_precision="bf16", pad_to_multiple_of=64),
+            ]
+            row.append(row[2] * tokens / steps)
+            cells = "".join(f"{v:>18.1f}" for v in row[:4]) + f"{row[4]:>18,.0f}"
+            print(f"{name:<26}{layout:<15}{cells}", flush=True)
 
 
 def main() -> None:

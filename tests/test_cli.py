@@ -653,3 +653,21 @@ def test_lora_switches(tmp_path, base_config):
         UsageError, match=r"unknown key 'lora\.lora_dropoutt'.*'lora\.lora_dropout'"
     ):
         load_train_config(config_file)
+
+
+def test_train_config_covers_every_fit_option():
+    import dataclasses
+    import inspect
+
+    from rlox import DPO
+
+    fit = set(inspect.signature(DPO.fit).parameters) - {
+        "self",
+        "train_dataset",
+        "eval_dataset",
+        "callback",
+    }
+    config = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["group"] == "fit"}
+    assert fit - config <= {"output_dir"}  # output_dir is a run option
+    kwargs = TrainConfig(model="m", data="d", output_dir="o").fit_kwargs()
+    assert set(kwargs) == fit

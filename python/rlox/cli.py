@@ -404,6 +404,15 @@ class TrainConfig:
     truncation: str = _opt(
         choice_kind(("keep_end", "keep_start")), "keep_end", "which end of a prompt to keep", "fit"
     )
+    pack_length: int | None = _opt(
+        int_kind(optional=True), None, "packed layout: tokens per row (unset: max_length)", "fit"
+    )
+    pad_to_multiple_of: int | None = _opt(
+        int_kind(optional=True),
+        None,
+        "pad batch lengths to a multiple of N (e.g. 64 with bf16 on a GPU: fewer kernel shapes)",
+        "fit",
+    )
     gradient_accumulation_steps: int = _opt(int_kind(), 1, "batches per optimizer step", "fit")
     lr_scheduler: str = _opt(
         choice_kind(("constant", "linear", "cosine")), "constant", "learning-rate schedule", "fit"
@@ -1019,7 +1028,8 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
     trainer = DPO(model, ref, **dpo_kwargs)
     if config.precompute_reference and needs_reference:
         keys = ("batch_size", "max_tokens", "layout", "max_length", "max_prompt_length")
-        data_kwargs = {k: fit_kwargs[k] for k in (*keys, "truncation", "mixed_precision")}
+        extra = ("truncation", "pack_length", "pad_to_multiple_of", "mixed_precision")
+        data_kwargs = {k: fit_kwargs[k] for k in (*keys, *extra)}
         for ds in (train_ds, eval_ds):
             # A store that already holds matching log-probs (a resumed run) is not scored again.
             if ds is not None and trainer._reference_source(ds, data_kwargs) is None:

@@ -91,7 +91,11 @@ class PairBatch:
         return int(self.chosen_lengths.shape[0])
 
     def to(self, device: torch.device | str) -> PairBatch:
-        """The same batch with every tensor on ``device``."""
+        """The same batch with every tensor on ``device`` (itself when already there)."""
+        device = torch.device(device)
+        held = [v for v in self.__dict__.values() if isinstance(v, Tensor)]
+        if device.type == "cpu" and all(v.device == device for v in held):
+            return self  # numpy fields are CPU memory too, and stay lazy
         moved = {
             f.name: v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v
             for f in fields(self)

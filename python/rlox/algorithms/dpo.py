@@ -253,6 +253,9 @@ def sequence_logps(
     if accepted is None:
         accepted = _accepted_kwargs(model)
     device = next(model.parameters()).device
+    targets = batch.plan_target
+    # The largest target id, read where the batch lives now (no device sync for a CPU batch).
+    top = int(targets.max()) if targets.numel() and targets.device.type == "cpu" else None
     batch = batch.to(device)
     b = batch.num_pairs
     if autocast is None:
@@ -264,7 +267,9 @@ def sequence_logps(
     vocab = picked.shape[-1]
     if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
         raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
-    if picked.shape[0] and int(batch.plan_target.max()) >= vocab:
+    if top is None and picked.shape[0]:
+        top = int(batch.plan_target.max())
+    if top is not None and top >= vocab:
         i = int((batch.plan_target >= vocab).nonzero()[0, 0])
         side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
         raise ValueError(
@@ -709,6 +714,7 @@ class DPO:
         cfg = self.config
         # Training goes through a DDP wrapper (its gradient hooks); evaluation needs none.
         model = self.model if training else _unwrap(self.model)
+        batch = batch.to(next(model.parameters()).device)  # once, for policy and reference
         policy = sequence_logps(
             model, batch, self._policy_kwargs, ld_alpha=cfg.ld_alpha, autocast=self._autocast
         )
@@ -751,12 +757,13 @@ class DPO:
                 policy[:b].detach().double().mean(),
                 policy[b:].detach().double().mean(),
             ]
-            stats = torch.stack(values).tolist()
-        metrics = dict(zip(_METRICS, stats, strict=True))
-        if len(self._components) > 1:
-            for name, value in res.component_losses.items():
-                metrics[f"loss_{name}"] = float(value)
-        return res.loss, metrics
+            names = list(_METRICS)
+            if len(self._components) > 1:
+                for name, value in res.component_losses.items():
+                    names.append(f"loss_{name}")
+                    values.append(torch.as_tensor(value, dtype=torch.float64, device=rc.device))
+            stats = torch.stack(values).tolist()  # one device-to-host read for all metrics
+        return res.loss, dict(zip(names, stats, strict=True))
 
     def _metric_keys(self) -> tuple[str, ...]:
         extra = tuple(f"loss_{c}" for c in self._components) if len(self._components) > 1 else ()
