@@ -569,3 +569,22 @@ def test_peft_reference_is_the_model_with_adapters_disabled():
         with model.disable_adapter():
             torch.testing.assert_close(sequence_logps(model, batch), base_logps, atol=1e-5, rtol=0)
     assert not torch.allclose(after, policy_logps, atol=1e-6)
+
+
+def test_reference_digest_is_hashed_once_until_weights_change(monkeypatch):
+    import rlox.algorithms.dpo as dpo_module
+
+    calls = []
+    real = dpo_module.weights_digest
+    monkeypatch.setattr(
+        dpo_module, "weights_digest", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    ref = make_model()
+    trainer = DPO(perturbed(ref), ref)
+    first = trainer._reference_digest()
+    assert trainer._reference_digest() == first and len(calls) == 1
+    with torch.no_grad():
+        ref.blocks[0].mlp[0].weight.mul_(1.5)
+    changed = trainer._reference_digest()
+    assert changed != first and len(calls) == 2
+    assert changed == real(ref)

@@ -644,6 +644,7 @@ class DPO:
         # Look through a DistributedDataParallel wrapper: it passes keywords to the module as given.
         self.vocab_size = model_vocab_size(_unwrap(model))
         self._policy_kwargs = _accepted_kwargs(_unwrap(model))
+        self._digest_memo: tuple[Any, str] | None = None
         if self.ref_model is not None:
             self._ref_kwargs: frozenset[str] | None = _accepted_kwargs(self.ref_model)
         else:
@@ -1399,9 +1400,19 @@ class DPO:
 
     # ------------------------------------------------------------------ reference cache
     def _reference_digest(self) -> str:
-        if self.ref_model is not None:
-            return weights_digest(self.ref_model)
-        return weights_digest(_unwrap(self.model), frozen_only=True)
+        """:func:`weights_digest` of the reference, recomputed only when a tensor changed.
+
+        The memo key is each tensor's identity and in-place version counter, so hashing (a full
+        pass over the weights) runs once per ``fit`` rather than on every cache lookup.
+        """
+        module, frozen = (
+            (self.ref_model, False) if self.ref_model is not None else (_unwrap(self.model), True)
+        )
+        tensors = [*module.parameters(), *module.buffers()]
+        key = (id(module), frozen, tuple((id(t), t._version) for t in tensors))
+        if self._digest_memo is None or self._digest_memo[0] != key:
+            self._digest_memo = (key, weights_digest(module, frozen_only=frozen))
+        return self._digest_memo[1]
 
     def _reference_settings(self, data_kw: dict[str, Any]) -> dict[str, Any]:
         return {
