@@ -794,11 +794,12 @@ def test_fuzz_dpo_loss(data, loss_type, beta, eps):
         )
     )
     if err is None:
-        # success means the input was valid
+        # success means the input was valid; None stands for an option's default
         assert _valid_logps(arrays_)
-        assert loss_type in ("sigmoid", "hinge", "ipo")
+        assert ("sigmoid" if loss_type is None else loss_type) in ("sigmoid", "hinge", "ipo")
+        beta = 0.1 if beta is None else beta
         assert math.isfinite(float(beta)) and float(beta) > 0
-        assert 0 <= float(eps) < 0.5
+        assert 0 <= float(0.0 if eps is None else eps) < 0.5
         n = arrays_[0].shape[0]
         for a in (out.losses, out.grad_chosen, out.grad_rejected):
             assert a.shape == (n,) and a.dtype == arrays_[0].dtype
