@@ -35,6 +35,7 @@ bench: install
 	$(PY) benches/bench_data.py
 	$(PY) benches/bench_text.py
 	$(PY) benches/bench_fit.py
+	$(PY) benches/bench_digest.py
 
 lint: install
 	cargo fmt --check

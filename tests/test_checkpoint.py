@@ -169,14 +169,20 @@ def test_latest_ignores_incomplete_checkpoints(tmp_path):
     (root / "step-7" / "model.safetensors").write_bytes(b"partial")
     (root / ".tmp-step-9-deadbeef").mkdir()
     (root / ".tmp-step-9-deadbeef" / "checkpoint.json").write_text("{}")
-    assert latest_checkpoint(tmp_path) == root / "step-3"
+    (root / ".tmp-step-9-deadbeef" / "manifest.json").write_text("{}")
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-7: not a complete"):
+        assert latest_checkpoint(tmp_path) == root / "step-3"
     with pytest.raises(ValueError, match="not a complete rlox checkpoint"):
         trainer.fit(ds, max_steps=8, resume_from=root / "step-7", **opts)
     resumed = build_trainer()
-    with pytest.warns(UserWarning, match="max_steps"):
+    with (
+        pytest.warns(UserWarning, match="max_steps"),
+        pytest.warns(UserWarning, match=r"step-7: not a complete"),
+    ):
         result = resumed.fit(ds, max_steps=4, resume_from="latest", **opts)
     assert result.steps == 4 and resumed.global_step == 4
     assert not (root / ".tmp-step-9-deadbeef").exists()
+    assert not (root / "step-7").exists()  # a later step directory: removed by the new step 4
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3", "step-4"]
 
 
@@ -215,13 +221,14 @@ def test_resuming_an_older_checkpoint_supersedes_the_later_ones(tmp_path):
     # branch off step 2 with a limit of 2: step 3 of the new run replaces steps 3..5 of the old
     # one, and rotation keeps the resumed-from checkpoint and the new one
     resumed = build_trainer()
-    resumed.fit(
-        make_dataset(10, 0),
-        resume_from=tmp_path / "checkpoints" / "step-2",
-        save_total_limit=2,
-        max_steps=3,
-        **kw,
-    )
+    with pytest.warns(UserWarning, match="max_steps differ"):
+        resumed.fit(
+            make_dataset(10, 0),
+            resume_from=tmp_path / "checkpoints" / "step-2",
+            save_total_limit=2,
+            max_steps=3,
+            **kw,
+        )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-3"
 
@@ -234,11 +241,14 @@ def test_checkpoint_contents_and_loading_runs_no_pickle(tmp_path, monkeypatch):
     path = result.checkpoint
     assert sorted(p.name for p in path.iterdir()) == [
         "checkpoint.json",
+        "manifest.json",
         "model.safetensors",
         "optimizer.pt",
         "rng.safetensors",
     ]
     meta = json.loads((path / "checkpoint.json").read_text())
+    assert meta["optimizer"] == "Adam"
+    assert meta["optimizer_groups"][0]["params"] == [n for n, _ in trainer.model.named_parameters()]
     assert meta["rlox_version"] == rlox.__version__ and meta["step"] == 2
     assert meta["position"] == {"step": 2, "epoch": 1, "batch": 0}
     assert meta["fit"]["batch_size"] == 4 and meta["fit"]["seed"] == 0

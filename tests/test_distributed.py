@@ -136,7 +136,18 @@ JOBS: dict[str, dict[str, Any]] = {
     "fsdp_resumed": {"mode": "fsdp", "output_dir": "fsdp-shared", "save_every": 3, "resume": True},
     # precompute_reference with a sharded reference, on the store at <root>/store.
     "fsdp_reference": {"mode": "reference"},
+    # Truncation empties one rank's micro-batch in some rounds (see make_emptied_dataset).
+    "emptied": {"mode": "emptied", "wrap": "ddp"},
+    "fsdp_emptied": {"mode": "emptied", "wrap": "fsdp"},
 }
+# Pairs 1, 6 and 11 have 30-token prompts, which max_length 24 drops. The plan puts pairs 1 and
+# 11 in one micro-batch of rank 1 (rounds 0/1 and 1/2 of the epochs) while rank 0's keeps a pair;
+# with 2 micro-batches per step that empty batch is the last of a step in epoch 0 and the first
+# in epoch 1.
+EMPTIED_DATA_KW: dict[str, Any] = {"layout": "padded", "max_length": 24}
+EMPTIED_PLAN_KW: dict[str, Any] = {**EMPTIED_DATA_KW, "batch_size": 2, "seed": 5}
+EMPTIED_FIT_KW: dict[str, Any] = {**EMPTIED_PLAN_KW, "epochs": 2, "gradient_accumulation_steps": 2}
+EMPTIED_STEP = ([3, 4], [1, 11])  # a train_step whose rank-1 batch is emptied
 PRECOMPUTE_KW: dict[str, Any] = {**DATA_KW, "batch_size": 4, "progress": False}
 
 
@@ -179,10 +190,89 @@ def precompute_job(root: Path) -> dict[str, Any]:
     }
 
 
+def make_emptied_dataset() -> PreferenceDataset:
+    rng = random.Random(0)
+
+    def row(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(1, VOCAB) for _ in range(rng.randint(lo, hi))]
+
+    prompts = [row(2, 8) for _ in range(16)]
+    for i in (1, 6, 11):
+        prompts[i] = row(30, 30)
+    return PreferenceDataset.from_lists(
+        prompts, [row(1, 7) for _ in range(16)], [row(1, 7) for _ in range(16)]
+    )
+
+
+def emptied_job(wrap: str, rank: int) -> dict[str, Any]:
+    """fit (with evaluation) then one train_step, on data where one rank's batches empty."""
+    policy, ref = make_models()
+    if wrap == "ddp":
+        model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(policy)
+    else:
+        model = shard(policy)
+    trainer = DPO(model, ref, **TRAINER_KW)
+    ds = make_emptied_dataset()
+    seen: list[dict[str, float]] = []
+    result = trainer.fit(
+        ds,
+        ds,
+        progress=False,
+        log_every=None,
+        callback=lambda step, m: seen.append(m),
+        **EMPTIED_FIT_KW,
+    )
+    fit_params = full_params(policy)
+    batch = ds.collate(EMPTIED_STEP[rank], pad_token_id=0, vocab_size=VOCAB, **EMPTIED_DATA_KW)
+    step = trainer.train_step(batch)
+    return {
+        "fit_params": fit_params,
+        "metrics": seen,
+        "eval": result.eval,
+        "step": step,
+        "step_params": full_params(policy),
+        "batch_pairs": batch.num_pairs,
+    }
+
+
+def emptied_reference() -> dict[str, Any]:
+    """One process on the union of both ranks' micro-batches of each step."""
+    ds = make_emptied_dataset()
+    policy, ref = make_models()
+    trainer = DPO(policy, ref, **TRAINER_KW)
+    gas = EMPTIED_FIT_KW["gradient_accumulation_steps"]
+    metrics = []
+    for epoch in range(EMPTIED_FIT_KW["epochs"]):
+        plans = [
+            ds.batches(epoch=epoch, rank=r, world_size=WORLD, **EMPTIED_PLAN_KW)
+            for r in range(WORLD)
+        ]
+        for k in range(0, len(plans[0]), gas):
+            union = np.concatenate([p[j] for j in range(k, k + gas) for p in plans])
+            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **EMPTIED_DATA_KW)
+            metrics.append(trainer.train_step(batch))
+    fit_params = full_params(policy)
+    eval_metrics = trainer.evaluate(ds, batch_size=2, **EMPTIED_DATA_KW)
+    union = np.concatenate(EMPTIED_STEP)
+    step = trainer.train_step(
+        ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **EMPTIED_DATA_KW)
+    )
+    return {
+        "fit_params": fit_params,
+        "metrics": metrics,
+        "eval": eval_metrics,
+        "step": step,
+        "step_params": full_params(policy),
+    }
+
+
 def run_job(root: Path, name: str, rank: int, world: int) -> None:
     job = JOBS[name]
     if job["mode"] == "reference":
         torch.save(precompute_job(root), root / "results" / f"{name}-rank{rank}.pt")
+        return
+    if job["mode"] == "emptied":
+        torch.save(emptied_job(job["wrap"], rank), root / "results" / f"{name}-rank{rank}.pt")
         return
     policy, ref = make_models()
     if job["mode"] == "ddp":
@@ -344,6 +434,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     root = tmp_path_factory.mktemp("dist")
     make_dataset().save(root / "store")
     jobs = ("full", "interrupted", "fsdp", "fsdp_interrupted", "fsdp_reference")
+    jobs += ("emptied", "fsdp_emptied")
     return root, torchrun(root, *jobs)
 
 
@@ -510,7 +601,15 @@ def test_fsdp2_save_and_load(launch):
     optim = ranks[0]["optim"]
     assert "tok_emb.weight" in optim["state"] and len(optim["state"]) > 4
     assert_optim_close(ranks[0]["reload_optim"], optim, rtol=0, atol=0)
-    assert_optim_close(ranks[0]["ddp_load_optim"], optim, rtol=1e-4, atol=1e-6)
+    # The last checkpoint keeps the schedule's final rate (linear: 0); once fit returns, the
+    # trainer is back at its configured rate.
+    ddp_optim = ranks[0]["ddp_load_optim"]
+    assert [g["lr"] for g in ddp_optim["param_groups"]] == [0.0]
+    assert [g["lr"] for g in optim["param_groups"]] == [TRAINER_KW["learning_rate"]]
+    ddp_optim["param_groups"] = [
+        dict(g, lr=TRAINER_KW["learning_rate"]) for g in ddp_optim["param_groups"]
+    ]
+    assert_optim_close(ddp_optim, optim, rtol=1e-4, atol=1e-6)
     assert ranks[1]["optim"] == {}
 
     # A single process loads the sharded trainer's save into a plain model.
@@ -557,6 +656,29 @@ def test_fsdp2_precompute_reference_with_a_sharded_reference(launch):
     path = Path(rank0["path"])
     assert path.parent == root / "store" / "reference_logps" and path.is_file()
     assert np.array_equal(np.load(path), torch.stack([rank0["chosen"], rank0["rejected"]]).numpy())
+
+
+@pytest.mark.parametrize("job", ["emptied", "fsdp_emptied"])
+def test_a_rank_emptied_by_truncation_joins_with_a_zero_weight_stand_in(launch, job):
+    """DDP and FSDP2: no hang, and fit / evaluate / train_step equal one process on the union."""
+    ranks = launch[1][job]
+    want = emptied_reference()
+    assert [r["batch_pairs"] for r in ranks] == [2, 0]
+    for got in ranks:
+        assert len(got["metrics"]) == len(want["metrics"]) == 4
+        for step, (g, w) in enumerate(zip(got["metrics"], want["metrics"], strict=True)):
+            assert g["skipped"] == w["skipped"] == 0.0
+            for key in ("loss", "reward_accuracy", "chosen_reward", "grad_norm"):
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (step, key)
+        assert_params_close(got["fit_params"], want["fit_params"])
+        assert got["eval"]["num_pairs"] == want["eval"]["num_pairs"] == 13
+        assert got["eval"]["num_dropped"] == want["eval"]["num_dropped"] == 3
+        for key in ("loss", "reward_margin", "chosen_logps"):
+            assert got["eval"][key] == pytest.approx(want["eval"][key], rel=1e-5, abs=1e-6)
+        for key in ("loss", "reward_margin", "grad_norm"):
+            assert got["step"][key] == pytest.approx(want["step"][key], rel=1e-5, abs=1e-6)
+        assert got["step"]["skipped"] == 0.0
+        assert_params_close(got["step_params"], want["step_params"])
 
 
 if __name__ == "__main__":

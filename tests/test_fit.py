@@ -571,7 +571,40 @@ def test_peft_reference_is_the_model_with_adapters_disabled():
     assert not torch.allclose(after, policy_logps, atol=1e-6)
 
 
-def test_reference_digest_is_hashed_once_until_weights_change(monkeypatch):
+def _edit_weight(ref: torch.nn.Module, how: str) -> None:
+    """Change the reference in a way that leaves tensor identity and version counter alone."""
+    w = ref.blocks[0].mlp[0].weight
+    if how == "data.copy_":
+        w.data.copy_(w.data * 1.5)
+    elif how == "data[...] +=":
+        w.data[0] += 0.5
+    elif how == "data =":
+        w.data = w.data * 1.5
+    else:  # a dtype round trip rounds every weight to float16
+        ref.to(torch.float16).to(torch.float32)
+
+
+@pytest.mark.parametrize("how", ["data.copy_", "data[...] +=", "data =", "float16 round trip"])
+def test_reference_cache_notices_edits_that_bypass_the_version_counter(tmp_path, how):
+    ds = make_dataset(8)
+    ds.save(tmp_path)
+    ref = make_model()
+    trainer = DPO(perturbed(ref), ref, beta=0.5)
+    trainer.precompute_reference(ds, max_length=16, progress=False)
+    before = trainer.evaluate(ds, max_length=16)
+    _edit_weight(ref, how)
+    with pytest.warns(UserWarning, match="other reference weights; ignored"):
+        got = trainer.evaluate(ds, max_length=16)
+    # A fresh trainer has never seen the old weights: it runs the edited reference live.
+    with pytest.warns(UserWarning, match="other reference weights; ignored"):
+        live = DPO(copy.deepcopy(trainer.model), copy.deepcopy(ref), beta=0.5).evaluate(
+            ds, max_length=16
+        )
+    assert got["loss"] == live["loss"]
+    assert got["chosen_reward"] != pytest.approx(before["chosen_reward"], rel=1e-9)
+
+
+def test_reference_weights_are_hashed_once_per_call(monkeypatch, tmp_path):
     import rlox.algorithms.dpo as dpo_module
 
     calls = []
@@ -579,12 +612,61 @@ def test_reference_digest_is_hashed_once_until_weights_change(monkeypatch):
     monkeypatch.setattr(
         dpo_module, "weights_digest", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
+    train, test = make_dataset(8), make_dataset(6, seed=3)
+    train.save(tmp_path / "train")
+    test.save(tmp_path / "test")
     ref = make_model()
     trainer = DPO(perturbed(ref), ref)
-    first = trainer._reference_digest()
-    assert trainer._reference_digest() == first and len(calls) == 1
-    with torch.no_grad():
-        ref.blocks[0].mlp[0].weight.mul_(1.5)
-    changed = trainer._reference_digest()
-    assert changed != first and len(calls) == 2
-    assert changed == real(ref)
+    for ds in (train, test):
+        trainer.precompute_reference(ds, max_length=16, progress=False)
+    assert len(calls) == 2
+    calls.clear()
+    opts = dict(batch_size=4, max_length=16, eval_every=1, progress=False, log_every=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.fit(train, test, max_steps=2, **opts)
+    assert len(calls) == 1  # both caches checked, eval run twice: one hash
+    trainer.evaluate(test, max_length=16)
+    trainer.evaluate(test, max_length=16)
+    assert len(calls) == 3  # each call hashes afresh: no digest outlives its call
+    assert trainer._digest_cache is None and trainer._digest_depth == 0
+
+
+# --------------------------------------------------------------------------------------------
+# learning rate after fit
+
+
+@pytest.mark.parametrize("scheduler", ["linear", "cosine"])
+def test_fit_puts_back_the_configured_learning_rate(scheduler):
+    ds = make_dataset(8)
+    ref = make_model()
+    policy = perturbed(ref)
+    trainer = DPO(policy, ref, learning_rate=1e-3)
+    seen = []
+    trainer.fit(
+        ds,
+        batch_size=4,
+        lr_scheduler=scheduler,
+        progress=False,
+        log_every=None,
+        callback=lambda step, m: seen.append(trainer.optimizer.param_groups[0]["lr"]),
+    )
+    assert seen[-1] == 0.0  # the schedule did reach 0 inside fit
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
+    before = params(policy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train_step(ds.collate(np.arange(4)))
+    assert any(not torch.equal(before[k], v) for k, v in params(policy).items())
+
+
+def test_train_step_warns_once_when_the_learning_rate_is_zero():
+    ds = make_dataset(8)
+    ref = make_model()
+    trainer = DPO(perturbed(ref), ref)
+    trainer.optimizer.param_groups[0]["lr"] = 0.0
+    with pytest.warns(RuntimeWarning, match="learning rate of parameter group 0 is 0"):
+        trainer.train_step(ds.collate(np.arange(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.train_step(ds.collate(np.arange(4)))

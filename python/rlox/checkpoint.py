@@ -6,13 +6,21 @@ A checkpoint directory holds
 * ``optimizer.pt``: the optimizer's ``state_dict`` (read back with ``weights_only=True``);
 * ``rng.safetensors``: the torch CPU (and CUDA) generator states;
 * ``checkpoint.json``: everything else (position in the data order, trainer config, counters,
-  scheduler state, Python and numpy generator states, rlox version). It is written last and
-  marks the checkpoint complete.
+  scheduler state, Python and numpy generator states, the optimizer's class and its parameter
+  groups by parameter name, rlox version);
+* ``manifest.json``: written last, the size and CRC-32 of each file above (see
+  :mod:`rlox.manifest`). It marks the checkpoint complete.
 
 Checkpoints are written into a hidden temporary directory next to their final place, every file
 is fsynced, and the directory is renamed into place, so a crash mid-write leaves the previous
 checkpoints intact and never a directory that :func:`latest_checkpoint` would pick. Loading runs
-no pickled code.
+no pickled code, and a file that cannot be read raises ``ValueError`` naming it.
+
+Before loading, a checkpoint is verified against its manifest (:func:`verify_checkpoint`: sizes,
+then checksums, in one read that leaves the files in the page cache for the load).
+:func:`latest_checkpoint` skips, with a ``UserWarning`` naming it and the reason, every newer
+checkpoint that fails verification, including one written before checkpoints had manifests (it
+cannot be verified); an explicitly named checkpoint that fails raises ``ValueError``.
 
 Sharded models (FSDP2 ``fully_shard``, whose parameters are DTensors) are saved as full tensors:
 every rank takes part in gathering the weights and optimizer state
@@ -26,13 +34,15 @@ loading reads either into either kind of model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +50,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from rlox.manifest import MANIFEST, ManifestWriter, manifest_problem
+from rlox.optimizers import check_group_sizes, check_optimizer, optimizer_groups
+
 __all__ = [
     "CHECKPOINTS",
+    "FILES",
+    "MANIFEST",
     "MARKER",
+    "META",
     "capture_rng",
     "full_state",
     "full_tensor",
@@ -53,13 +69,18 @@ __all__ = [
     "load_optimizer_state",
     "load_weights",
     "optimizer_keys",
+    "reading",
     "restore_rng",
+    "resume_checkpoint",
     "save_checkpoint",
     "save_weights",
+    "verify_checkpoint",
 ]
 
 CHECKPOINTS = "checkpoints"
-MARKER = "checkpoint.json"
+META = "checkpoint.json"
+MARKER = MANIFEST  # written last: a step directory holding it is complete
+FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", META)
 FORMAT = "rlox-checkpoint"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -223,8 +244,10 @@ def load_optimizer_state(
     """Load an optimizer ``state_dict`` keyed by index or by name (see :func:`optimizer_keys`).
 
     ``module`` is needed to map names to parameters; a sharded ``module`` is a collective: the
-    full state is given on every rank and each keeps its shards.
+    full state is given on every rank and each keeps its shards. Groups of other sizes than the
+    optimizer's raise ``ValueError``.
     """
+    check_group_sizes(state, optimizer)
     by_name = optimizer_keys(state) == "name"
     if module is None:
         if by_name:
@@ -244,11 +267,6 @@ def load_optimizer_state(
 
     if not by_name:
         state = _rekey(state, dict(enumerate(_param_names(module, optimizer))))
-    if len(state["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(
-            f"optimizer: the saved state has {len(state['param_groups'])} parameter groups, "
-            f"the optimizer {len(optimizer.param_groups)}"
-        )
     options = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     # set_optimizer_state_dict fails on group options the optimizer lacks (a scheduler's
     # initial_lr), and turns tuples (Adam's betas) into lists: set the saved ones before and after.
@@ -303,27 +321,124 @@ def restore_rng(plain: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -
         torch.cuda.set_rng_state_all(cuda)
 
 
-def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints under ``output_dir/checkpoints``, oldest step first.
-
-    A directory counts only when it is named ``step-<N>`` and holds its ``checkpoint.json``
-    marker; temporary directories of an interrupted write are never listed.
-    """
+def _step_dirs(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every ``step-<N>`` directory under ``output_dir/checkpoints``, oldest step first."""
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / MARKER).is_file():
+        if m and child.is_dir():
             found.append((int(m.group(1)), child))
     return [p for _, p in sorted(found)]
 
 
+def _step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest step first.
+
+    A directory counts only when it is named ``step-<N>`` and holds its ``manifest.json``
+    (written last); temporary directories of an interrupted write are never listed. Listing
+    does not verify the files (see :func:`verify_checkpoint`).
+    """
+    return [p for p in _step_dirs(output_dir) if (p / MARKER).is_file()]
+
+
 def latest_checkpoint(output_dir: str | os.PathLike[str]) -> Path | None:
-    """The complete checkpoint with the highest step under ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The checkpoint with the highest step under ``output_dir`` that verifies, or None.
+
+    Every newer ``step-<N>`` directory that fails :func:`verify_checkpoint` is skipped with a
+    ``UserWarning`` naming it and the reason: a damaged or missing file, or no manifest (an
+    interrupted write, or a checkpoint written before checkpoints had manifests, which cannot
+    be verified).
+    """
+    for path in reversed(_step_dirs(output_dir)):
+        problem = manifest_problem(path, FILES)
+        if problem is None:
+            return path
+        warnings.warn(
+            f"resume: skipping checkpoint {path}: {problem}; trying the one before",
+            UserWarning,
+            stacklevel=2,
+        )
+    return None
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    files: Sequence[str] = FILES,
+    field: str = "path",
+    module: nn.Module | None = None,
+) -> None:
+    """Check the directory ``path`` against its manifest; raise ``ValueError`` if it fails.
+
+    ``files`` must be listed in the manifest; every listed file must have the recorded size
+    (all checked first) and CRC-32. The message starts with ``field`` and names ``path`` and the
+    bad file. With a sharded ``module``, a collective: it fails on every rank if on any.
+    """
+    path = Path(path)
+    problem = manifest_problem(path, files) if path.is_dir() else "no such directory"
+    if module is not None and is_sharded(module):
+        if not _all_agree(problem is not None, module) and problem is None:
+            problem = "verification failed on another rank"
+    if problem is not None:
+        raise ValueError(f"{field}: {path}: {problem}")
+
+
+def resume_checkpoint(
+    resume_from: str | os.PathLike[str] | None,
+    output_dir: str | os.PathLike[str] | None,
+    module: nn.Module,
+) -> Path | None:
+    """The verified checkpoint that ``fit(resume_from=...)`` resumes from; None: start fresh.
+
+    ``"latest"``: :func:`latest_checkpoint` of ``output_dir`` (warning about each newer one it
+    skips); a directory: that one, which must verify (else ``ValueError``). Under
+    ``torch.distributed`` (and ``resume_from`` given), a collective: rank 0 verifies and decides,
+    every rank gets its choice or raises its error, so all ranks load the same checkpoint.
+    """
+    if resume_from is None:
+        return None
+    dist = _dist()
+    choice: Path | None = None
+    error: ValueError | None = None
+    if dist is None or dist.get_rank() == 0:
+        try:
+            if resume_from == "latest":
+                assert output_dir is not None
+                choice = latest_checkpoint(output_dir)
+            else:
+                verify_checkpoint(resume_from, field="resume_from")
+                choice = Path(resume_from)
+        except ValueError as e:
+            if dist is None:
+                raise
+            error = e
+    if dist is None:
+        return choice
+    p = next(iter(module.parameters()), None)
+    message = [None if choice is None else str(choice), None if error is None else str(error)]
+    dist.broadcast_object_list(message, src=0, device=None if p is None else p.device)
+    if error is not None:
+        raise error
+    if message[1] is not None:
+        raise ValueError(message[1])
+    return None if message[0] is None else Path(message[0])
+
+
+@contextlib.contextmanager
+def reading(path: Path, name: str, field: str = "path") -> Iterator[None]:
+    """Raise what loading ``path/name`` raises (safetensors, ``torch.load``, json, OS errors) as
+    ``ValueError`` naming ``field``, the directory and the file; the original is its cause."""
+    try:
+        yield
+    except Exception as e:
+        raise ValueError(f"{field}: {path}: cannot load {name} ({type(e).__name__}: {e})") from e
 
 
 def save_checkpoint(
@@ -338,10 +453,12 @@ def save_checkpoint(
 ) -> Path | None:
     """Atomically write ``output_dir/checkpoints/step-<step>/``; return its path.
 
-    ``state`` is any JSON-able mapping (stored in ``checkpoint.json`` with the generator states).
-    An existing checkpoint of the same step is replaced, and checkpoints of later steps (left by
-    the run that a resumed run branched off from) are removed, so the highest step is always the
-    newest state. With ``keep``, only the ``keep`` newest complete checkpoints are kept afterwards.
+    ``state`` is any JSON-able mapping (stored in ``checkpoint.json`` with the generator states,
+    the optimizer's class and its groups of :func:`optimizer_groups`). ``manifest.json`` is written
+    last. An existing checkpoint of the same step is replaced, and step directories of later steps
+    (left by the run that a resumed run branched off from, or damaged) are removed, so the highest
+    step is always the newest state. With ``keep``, only the ``keep`` newest complete checkpoints
+    are kept afterwards.
 
     ``collective`` (always so for a sharded ``model``): every rank of the initialised process
     group calls this; the full state is gathered, rank 0 alone writes and the ranks wait for it.
@@ -361,13 +478,23 @@ def save_checkpoint(
     error: Exception | None = None
     if writer:
         try:
+            state = {
+                **state,
+                "optimizer": type(optimizer).__name__,
+                "optimizer_groups": optimizer_groups(model, optimizer),
+            }
             final = _write_checkpoint(output_dir, step, model, weights, optim, state)
-            found = list_checkpoints(output_dir)
-            later = [p for p in found if int(_STEP_DIR.match(p.name).group(1)) > step]
-            found = found[: len(found) - len(later)]
+            later = [p for p in _step_dirs(output_dir) if _step_of(p) > step]
+            found = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
             stale = found[:-keep] if keep is not None and keep > 0 else []
             for path in [*later, *stale]:
-                shutil.rmtree(path, ignore_errors=True)
+                # Renamed away first, so a kill mid-removal leaves no half-deleted step directory.
+                gone = path.with_name(f"{_TMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}")
+                try:
+                    os.rename(path, gone)
+                except OSError:
+                    gone = path
+                shutil.rmtree(gone, ignore_errors=True)
         except Exception as e:
             if not collective:
                 raise
@@ -394,12 +521,17 @@ def _write_checkpoint(
     final = root / f"step-{step}"
     tmp = root / f"{_TMP_PREFIX}step-{step}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    manifest = ManifestWriter(tmp)
     try:
+        # Each file's checksum is taken as soon as it is written, from the page cache.
         save_weights(model, tmp / "model.safetensors", weights)
+        manifest.add("model.safetensors")
         with open(tmp / "optimizer.pt", "wb") as f:
             torch.save(optim, f)
+        manifest.add("optimizer.pt")
         plain_rng, tensor_rng = capture_rng()
         save_file({k: v.contiguous() for k, v in tensor_rng.items()}, str(tmp / "rng.safetensors"))
+        manifest.add("rng.safetensors")
         meta = {
             "format": FORMAT,
             "step": int(step),
@@ -407,7 +539,9 @@ def _write_checkpoint(
             "optimizer_keys": optimizer_keys(optim),
             **state,
         }
-        (tmp / MARKER).write_text(json.dumps(meta, indent=1, allow_nan=True))
+        (tmp / META).write_text(json.dumps(meta, indent=1, allow_nan=True))
+        manifest.add(META)
+        manifest.write()  # last: marks the checkpoint complete
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
@@ -440,29 +574,40 @@ def load_checkpoint(
     model: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; return its ``checkpoint.json``.
 
     Loads the weights into ``model`` and the state into ``optimizer`` when given, and restores
     the global generators when ``rng``. No pickled code is run. With a sharded ``model`` every
     rank must call it: each reads the full state and keeps its shards.
+
+    ``verify``: first check the files against the manifest (:func:`verify_checkpoint`; pass False
+    only for a checkpoint just verified). A checkpoint that fails, a file that cannot be read, or
+    an ``optimizer`` whose class or parameter groups differ from the saved one raises
+    ``ValueError`` naming the checkpoint and the file, or the difference.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
-    marker = path / MARKER
-    if not marker.is_file():
-        raise ValueError(
-            f"resume_from: {path} is not a complete rlox checkpoint ({MARKER} missing)"
-        )
-    meta = json.loads(marker.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"resume_from: {marker} is not an rlox checkpoint")
+    if verify:
+        verify_checkpoint(path, field="resume_from", module=model)
+    elif not (path / META).is_file():
+        raise ValueError(f"resume_from: {path} is not a complete rlox checkpoint ({META} missing)")
+    with reading(path, META, "resume_from"):
+        meta = json.loads((path / META).read_bytes())
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"resume_from: {path / META} is not an rlox checkpoint")
+    if optimizer is not None and "optimizer_groups" in meta:
+        check_optimizer(model, optimizer, meta.get("optimizer"), meta["optimizer_groups"])
     if model is not None:
-        load_weights(model, path / "model.safetensors")
+        with reading(path, "model.safetensors", "resume_from"):
+            load_weights(model, path / "model.safetensors")
     if optimizer is not None:
-        optim = torch.load(path / "optimizer.pt", weights_only=True)
+        with reading(path, "optimizer.pt", "resume_from"):
+            optim = torch.load(path / "optimizer.pt", weights_only=True)
         load_optimizer_state(model, optimizer, optim)
     if rng:
-        restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")))
+        with reading(path, "rng.safetensors", "resume_from"):
+            restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")))
     return meta

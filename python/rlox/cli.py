@@ -1030,10 +1030,11 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
         keys = ("batch_size", "max_tokens", "layout", "max_length", "max_prompt_length")
         extra = ("truncation", "pack_length", "pad_to_multiple_of", "mixed_precision")
         data_kwargs = {k: fit_kwargs[k] for k in (*keys, *extra)}
-        for ds in (train_ds, eval_ds):
-            # A store that already holds matching log-probs (a resumed run) is not scored again.
-            if ds is not None and trainer._reference_source(ds, data_kwargs) is None:
-                trainer.precompute_reference(ds, progress=progress, **data_kwargs)
+        with trainer._one_reference_digest():  # the reference weights are hashed once
+            for ds in (train_ds, eval_ds):
+                # A store that already holds matching log-probs (a resumed run) is not scored again.
+                if ds is not None and trainer._reference_source(ds, data_kwargs) is None:
+                    trainer.precompute_reference(ds, progress=progress, **data_kwargs)
         if not peft:
             # The cached log-probs replace the frozen copy, which is freed.
             del trainer, ref

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,21 +23,26 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from rlox import __version__, _rlox
+from rlox.attention import attention_mask
 from rlox.checkpoint import (
     full_state,
     full_tensor,
     is_sharded,
-    latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
     load_weights,
     optimizer_keys,
+    reading,
     remove_partial,
+    resume_checkpoint,
     save_checkpoint,
     save_weights,
+    verify_checkpoint,
 )
 from rlox.data import PairBatch, PreferenceDataset, batch_from_arrays
 from rlox.losses import LOSS_DEFAULTS, check_loss_options, dpo_loss
+from rlox.manifest import MANIFEST, ManifestWriter
+from rlox.optimizers import build_optimizer, check_optimizer, optimizer_groups
 from rlox.tracking import MetricsWriter, format_record, make_record
 
 _METRICS = (
@@ -117,17 +122,16 @@ def _accepted_kwargs(model: nn.Module) -> frozenset[str]:
     return frozenset(params) & {"attention_mask", "position_ids", "use_cache", "logits_at"}
 
 
-def _forward_kwargs(batch: PairBatch, accepted: frozenset[str]) -> dict[str, Any]:
+def _forward_kwargs(batch: PairBatch, accepted: frozenset[str], model: nn.Module) -> dict[str, Any]:
+    """Keywords for ``model``'s forward; the mask suits its attention (:mod:`rlox.attention`)."""
     if batch.layout != "padded" and not {"attention_mask", "position_ids"} <= accepted:
         raise TypeError(
             f"model: the {batch.layout} layout needs a forward that accepts attention_mask "
-            "(a 4-D boolean mask) and position_ids"
+            "(an (R, 1, L, L) mask, see rlox.attention) and position_ids"
         )
     kwargs: dict[str, Any] = {}
     if "attention_mask" in accepted:
-        kwargs["attention_mask"] = (
-            batch.attention_mask if batch.layout == "padded" else batch.dense_attention_mask()
-        )
+        kwargs["attention_mask"] = attention_mask(model, batch)
     if "position_ids" in accepted:
         kwargs["position_ids"] = batch.position_ids
     if "use_cache" in accepted:
@@ -194,7 +198,7 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 def _plan_logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Tensor:
     """(N, V) logits at the gather plan's (row, position) points only, where the model allows."""
-    kwargs = _forward_kwargs(batch, accepted)
+    kwargs = _forward_kwargs(batch, accepted, model)
     points = (batch.plan_row, batch.plan_position)
     if "logits_at" in accepted:
         return model(batch.input_ids, logits_at=points, **kwargs)
@@ -407,6 +411,15 @@ class _CachedReference:
             raise ValueError("batch: cached reference log-probs need batches from dataset.collate")
         idx = batch.pair_index.cpu()
         return torch.cat([self.logps[0, idx], self.logps[1, idx]]).float()
+
+
+def _stand_in_batch() -> PairBatch:
+    """One pair of one-token prompt and completions (id 0) in the padded layout.
+
+    A rank whose micro-batch truncation emptied runs it, weighted 0, in step with the others.
+    """
+    ids = np.zeros((1, 1), dtype=np.int64)
+    return collate_pairs(ids, ids, ids)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -644,7 +657,9 @@ class DPO:
         # Look through a DistributedDataParallel wrapper: it passes keywords to the module as given.
         self.vocab_size = model_vocab_size(_unwrap(model))
         self._policy_kwargs = _accepted_kwargs(_unwrap(model))
-        self._digest_memo: tuple[Any, str] | None = None
+        self._digest_cache: str | None = None
+        self._warned_zero_lr = False
+        self._digest_depth = 0
         if self.ref_model is not None:
             self._ref_kwargs: frozenset[str] | None = _accepted_kwargs(self.ref_model)
         else:
@@ -816,9 +831,19 @@ class DPO:
 
         Keys: loss, chosen_reward, rejected_reward, reward_margin, reward_accuracy, chosen_logps,
         rejected_logps, grad_norm (before clipping), skipped (1.0 when a non-finite loss or
-        gradient made the step be skipped; the weights are then left untouched).
+        gradient made the step be skipped; the weights are then left untouched). Warns once
+        when the learning rate is 0.
+
+        Under ``torch.distributed`` every rank calls it with its own batch: the update and the
+        metrics are those of one batch of the ranks' union, and a rank whose batch is empty
+        joins with a zero-weight stand-in.
         """
         batch = self._batch(prompt, chosen, rejected)
+        self._warn_zero_lr()
+        if _dist() is not None:
+            # Weighted like one batch of the ranks' union; an emptied rank runs a stand-in.
+            out = self._fit_step([batch], None, self.global_step)
+            return {k: v for k, v in out.items() if k not in ("lr", "num_pairs")}
         if batch.num_pairs == 0:
             self.skipped_steps += 1
             warnings.warn(
@@ -829,9 +854,7 @@ class DPO:
             return dict.fromkeys(_METRICS, math.nan) | {"grad_norm": math.nan, "skipped": 1.0}
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        # Under DDP a non-finite loss must still back-propagate (as NaN), or the other ranks
-        # would wait for this rank's gradients forever; the step is then skipped everywhere.
-        loss, metrics = self._loss(batch, training=True, nan_loss=_dist() is not None)
+        loss, metrics = self._loss(batch, training=True)
         grad_norm = math.nan
         if loss is not None:
             loss.backward()
@@ -851,6 +874,20 @@ class DPO:
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = float(skipped)
         return metrics
+
+    def _warn_zero_lr(self) -> None:
+        """Warn once when a parameter group's learning rate is 0 (the step would move nothing)."""
+        if self._warned_zero_lr:
+            return
+        zero = [i for i, g in enumerate(self.optimizer.param_groups) if g.get("lr", 1.0) == 0]
+        if zero:
+            self._warned_zero_lr = True
+            warnings.warn(
+                f"optimizer: the learning rate of parameter group {zero[0]} is 0, so train_step "
+                "leaves those weights unchanged (set param_groups[i]['lr'] or use fit's schedule)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _clip_gradients(self) -> float:
         """Clip the global gradient norm to ``max_grad_norm``; return the norm before clipping."""
@@ -899,24 +936,37 @@ class DPO:
         """
         device = next(self.model.parameters()).device
         _, world = _rank_world()
-        live = [b for b in batches if b.num_pairs]
-        (total,) = _all_reduce([float(sum(b.num_pairs for b in live))], device)
+        (total,) = _all_reduce([float(sum(b.num_pairs for b in batches))], device)
+        # Alone, batches that truncation emptied are left out. Under torch.distributed every rank
+        # runs each micro-batch, an emptied one as a zero-weight stand-in, so that all ranks join
+        # the same gradient reductions (and FSDP gathers) even when one rank lost its pairs.
+        if total == 0:
+            work: list[PairBatch] = []
+        elif _dist() is None:
+            work = [b for b in batches if b.num_pairs]
+        else:
+            work = batches
         keys = self._metric_keys()
         sums = dict.fromkeys(keys, 0.0)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         ddp = isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-        for i, batch in enumerate(live):
-            last = i == len(live) - 1
+        for i, batch in enumerate(work):
+            last = i == len(work) - 1
+            n = batch.num_pairs
             with contextlib.nullcontext() if last or not ddp else self.model.no_sync():
-                ref = reference(batch) if reference is not None else None
-                loss, metrics = self._loss(batch, training=True, ref=ref, nan_loss=True)
+                if n:
+                    ref = reference(batch) if reference is not None else None
+                    loss, metrics = self._loss(batch, training=True, ref=ref, nan_loss=True)
+                else:
+                    loss = self._stand_in_loss(reference is not None)
                 assert loss is not None
-                (loss * (batch.num_pairs * world / total)).backward()
-            for k in keys:
-                sums[k] += metrics.get(k, math.nan) * batch.num_pairs
-        grad_norm = self._clip_gradients() if live else math.nan
+                (loss * (n * world / total)).backward()
+            if n:
+                for k in keys:
+                    sums[k] += metrics.get(k, math.nan) * n
+        grad_norm = self._clip_gradients() if work else math.nan
         bad_here = not (math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
         *sums_all, bad_ranks = _all_reduce([*(sums[k] for k in keys), float(bad_here)], device)
         bad = total == 0 or bad_ranks > 0
@@ -937,6 +987,19 @@ class DPO:
         out = {k: (v / total if total else math.nan) for k, v in zip(keys, sums_all, strict=True)}
         out.update(grad_norm=grad_norm, skipped=float(bad), lr=lr, num_pairs=total)
         return out
+
+    def _stand_in_loss(self, cached_reference: bool) -> Tensor:
+        """The loss of :func:`_stand_in_batch` (for a rank whose micro-batch was emptied).
+
+        Runs the policy (and a live reference, which may be sharded) like any batch; the running
+        BCO shift is left as it was.
+        """
+        bco = self.bco_reward_sum, self.bco_reward_count
+        ref = torch.zeros(2) if cached_reference else None
+        loss, _ = self._loss(_stand_in_batch(), training=True, ref=ref, nan_loss=True)
+        self.bco_reward_sum, self.bco_reward_count = bco
+        assert loss is not None
+        return loss
 
     def fit(
         self,
@@ -990,9 +1053,14 @@ class DPO:
         ``DistributedDataParallel`` or shards it with FSDP2 ``fully_shard``), each rank takes its
         share of every planned round, ``N`` and the metrics are summed over ranks, and only rank 0
         logs, shows progress and writes checkpoints (the full state of a sharded model is
-        gathered from every rank first; resuming gives every rank its shards). Every micro-batch
-        must keep at least one pair after truncation on every rank. On resume only rank 0's
-        generator states are restored.
+        gathered from every rank first; resuming gives every rank its shards). A rank whose
+        micro-batch truncation empties runs a one-pair stand-in with weight 0, so the step still
+        equals one process on the union batch. On resume only rank 0's generator states are
+        restored.
+
+        The learning rate is put back to its configured value when ``fit`` returns (the last
+        factor of a ``linear`` or ``cosine`` schedule is 0), so later :meth:`train_step` calls
+        move the weights.
 
         Args:
             lr_scheduler, warmup_steps: see :func:`schedule_factor`; the total is the number of
@@ -1005,9 +1073,11 @@ class DPO:
             eval_every: evaluate ``eval_dataset`` every this many steps (and at the end).
             save_every: checkpoint to ``output_dir/checkpoints/step-<N>`` every this many steps
                 (and at the end whenever ``output_dir`` is set); keep ``save_total_limit``.
-            resume_from: ``"latest"`` (the newest complete checkpoint in ``output_dir``; a fresh
-                start when there is none) or a checkpoint directory. Resuming restores weights,
-                optimizer, scheduler, generator states, counters and the data position.
+            resume_from: ``"latest"`` (the newest checkpoint in ``output_dir`` that verifies
+                against its manifest, newer ones skipped with a ``UserWarning``; a fresh start
+                when there is none) or a checkpoint directory (``ValueError`` if it fails to
+                verify). Resuming restores weights, optimizer, scheduler, generator states,
+                counters and the data position.
             max_consecutive_skips: raise ``RuntimeError`` after this many consecutive steps
                 skipped for non-finite loss or gradients.
             callback: called as ``callback(step, metrics)`` after every optimizer step.
@@ -1087,14 +1157,10 @@ class DPO:
             "mixed_precision": mixed_precision,
         }
 
-        resume_path: Path | None = None
-        if resume_from == "latest":
-            assert out_dir is not None
-            resume_path = latest_checkpoint(out_dir)
-        elif resume_from is not None:
-            resume_path = Path(resume_from)
+        # Verified once here (rank 0 decides for all ranks); the loads below skip verifying.
+        resume_path = resume_checkpoint(resume_from, out_dir, _unwrap(self.model))
         if resume_path is not None:
-            self._check_resume(load_checkpoint(resume_path, rng=False), run_args)
+            self._check_resume(load_checkpoint(resume_path, rng=False, verify=False), run_args)
         self._configure_optimizer(float(weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, schedule_factor(lr_scheduler, warmup_steps, total)
@@ -1104,7 +1170,11 @@ class DPO:
         run_skipped = consecutive = 0
         if resume_path is not None:
             meta = load_checkpoint(
-                resume_path, model=_unwrap(self.model), optimizer=self.optimizer, rng=main
+                resume_path,
+                model=_unwrap(self.model),
+                optimizer=self.optimizer,
+                rng=main,
+                verify=False,
             )
             scheduler.load_state_dict(meta["scheduler"])
             pos, counters = meta["position"], meta["counters"]
@@ -1185,9 +1255,10 @@ class DPO:
 
         try:
             # Both reference sources are resolved before any step, so a missing cache fails fast.
-            train_reference = self._reference_source(train_dataset, data_kw)
-            if eval_dataset is not None:
-                eval_reference = self._reference_source(eval_dataset, data_kw)
+            with self._one_reference_digest():
+                train_reference = self._reference_source(train_dataset, data_kw)
+                if eval_dataset is not None:
+                    eval_reference = self._reference_source(eval_dataset, data_kw)
             while step < total and epoch < epochs:
                 plan = train_dataset.batches(epoch=epoch, **plan_kw)
                 while batch_idx < len(plan) and step < total:
@@ -1245,6 +1316,8 @@ class DPO:
                 checkpoint = save()
         finally:
             self._autocast = previous_autocast
+            for group, base in zip(self.optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base
             bar.close()
             if writer is not None:
                 writer.close()
@@ -1381,6 +1454,9 @@ class DPO:
                     b = batch.num_pairs
                     dropped += len(idx) - b
                     if b == 0:
+                        if _dist() is not None:  # keep step with the other ranks' forwards
+                            ref = torch.zeros(2) if reference is not None else None
+                            self._loss(_stand_in_batch(), ref=ref)
                         continue
                     ref = reference(batch) if reference is not None else None
                     _, metrics = self._loss(batch, ref=ref)
@@ -1399,20 +1475,35 @@ class DPO:
         return out
 
     # ------------------------------------------------------------------ reference cache
-    def _reference_digest(self) -> str:
-        """:func:`weights_digest` of the reference, recomputed only when a tensor changed.
+    @contextlib.contextmanager
+    def _one_reference_digest(self) -> Iterator[None]:
+        """Within this block (nestable) the reference weights are hashed at most once.
 
-        The memo key is each tensor's identity and in-place version counter, so hashing (a full
-        pass over the weights) runs once per ``fit`` rather than on every cache lookup.
+        Outside such blocks nothing is remembered: every ``fit``, ``evaluate`` and
+        ``precompute_reference`` call hashes the weights afresh, so edits through ``.data``,
+        dtype round trips or swapped tensors cannot leave a stale digest behind. ``fit`` checks
+        its train and eval caches in one block. Code of rlox that writes the reference inside a
+        block must reset ``_digest_cache`` to None.
         """
+        self._digest_depth += 1
+        try:
+            yield
+        finally:
+            self._digest_depth -= 1
+            if self._digest_depth == 0:
+                self._digest_cache = None
+
+    def _reference_digest(self) -> str:
+        """:func:`weights_digest` of the reference (of the policy's frozen weights for peft)."""
+        if self._digest_depth and self._digest_cache is not None:
+            return self._digest_cache
         module, frozen = (
             (self.ref_model, False) if self.ref_model is not None else (_unwrap(self.model), True)
         )
-        tensors = [*module.parameters(), *module.buffers()]
-        key = (id(module), frozen, tuple((id(t), t._version) for t in tensors))
-        if self._digest_memo is None or self._digest_memo[0] != key:
-            self._digest_memo = (key, weights_digest(module, frozen_only=frozen))
-        return self._digest_memo[1]
+        digest = weights_digest(module, frozen_only=frozen)
+        if self._digest_depth:
+            self._digest_cache = digest
+        return digest
 
     def _reference_settings(self, data_kw: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -1475,6 +1566,8 @@ class DPO:
                 batch = dataset.collate(idx, **collate_kw)
                 b = batch.num_pairs
                 if b == 0:
+                    if _dist() is not None:  # a sharded reference gathers in every forward
+                        self._reference_logps(_stand_in_batch())
                     continue
                 ref = self._reference_logps(batch).detach().double().cpu()
                 where = batch.pair_index.cpu()
@@ -1587,12 +1680,20 @@ class DPO:
         optim: dict[str, Any],
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        # An interrupted save must not leave an older manifest or trainer.json behind.
+        for name in (MANIFEST, "trainer.json"):
+            (path / name).unlink(missing_ok=True)
+        manifest = ManifestWriter(path)  # each checksum taken right after the file is written
         save_weights(model, path / "model.safetensors", weights)
+        manifest.add("model.safetensors")
         torch.save(optim, path / "optimizer.pt")
+        manifest.add("optimizer.pt")
         meta = {
             "rlox_version": __version__,
+            "manifest": MANIFEST,
             "config": asdict(self.config),
             "optimizer": type(self.optimizer).__name__,
+            "optimizer_groups": optimizer_groups(model, self.optimizer),
             "optimizer_keys": optimizer_keys(optim),
             "weight_decay": self._weight_decay,
             "global_step": self.global_step,
@@ -1601,6 +1702,8 @@ class DPO:
             "bco_reward_count": self.bco_reward_count,
         }
         (path / "trainer.json").write_text(json.dumps(meta, indent=2))
+        manifest.add("trainer.json")
+        manifest.write()
 
     @classmethod
     def load(
@@ -1616,22 +1719,56 @@ class DPO:
         ``kwargs`` go to the constructor (e.g. ``precomputed_reference=True``). With a sharded
         (FSDP2) ``model`` every rank must call it; each reads the files and keeps its shards.
         The optimizer state may be keyed by parameter index or name (a sharded model's save).
+
+        The files are first verified against ``manifest.json`` (a save from before manifests
+        loads unverified, with a ``UserWarning``). Without ``optimizer``, the saved optimizer is
+        rebuilt: the same class (Adam or AdamW) with the same parameter groups, by parameter
+        name, and options. A given ``optimizer`` must have the saved class and groups. A damaged
+        or unreadable file, or a mismatched ``optimizer``, raises ``ValueError`` naming it.
         """
         path = Path(path)
+        inner = _unwrap(model)
         meta_file = path / "trainer.json"
         if not meta_file.is_file():
             raise ValueError(f"path: {path} holds no rlox checkpoint (trainer.json missing)")
-        meta = json.loads(meta_file.read_text())
-        if optimizer is None and meta["optimizer"] not in ("Adam", "AdamW"):
-            raise ValueError(
-                f"optimizer: the checkpoint used {meta['optimizer']}; pass an optimizer of that type"
+        verified = (path / MANIFEST).is_file()
+        if verified:
+            files = ("trainer.json", "model.safetensors", "optimizer.pt")
+            verify_checkpoint(path, files=files, module=inner)
+        with reading(path, "trainer.json"):
+            meta = dict(json.loads(meta_file.read_bytes()))
+            missing = {"config", "optimizer", "global_step", "skipped_steps"} - meta.keys()
+            if missing:
+                raise KeyError(f"no {', '.join(sorted(missing))}")
+        if not verified:
+            if "manifest" in meta:
+                raise ValueError(f"path: {path}: {MANIFEST} missing (the save was interrupted)")
+            warnings.warn(
+                f"path: {path} has no {MANIFEST} (saved by an older rlox); loading it unverified",
+                UserWarning,
+                stacklevel=2,
             )
-        load_weights(_unwrap(model), path / "model.safetensors")
+        kind, groups = meta["optimizer"], meta.get("optimizer_groups")
+        if optimizer is None and kind not in ("Adam", "AdamW"):
+            raise ValueError(
+                f"optimizer: the checkpoint used {kind}; pass an optimizer of that type"
+            )
+        if optimizer is not None and groups is not None:
+            check_optimizer(inner, optimizer, kind, groups)
+        with reading(path, "model.safetensors"):
+            load_weights(inner, path / "model.safetensors")
         trainer = cls(model, ref_model, optimizer=optimizer, **meta["config"], **kwargs)
         if optimizer is None:
-            trainer._configure_optimizer(float(meta.get("weight_decay", 0.0)))
-        optim = torch.load(path / "optimizer.pt", weights_only=True)
-        load_optimizer_state(_unwrap(model), trainer.optimizer, optim)
+            weight_decay = float(meta.get("weight_decay", 0.0))
+            if groups is None:  # saved before the groups were recorded
+                trainer._configure_optimizer(weight_decay)
+            else:
+                lr = trainer.config.learning_rate
+                trainer.optimizer = build_optimizer(inner, kind, groups, lr=lr)
+                trainer._weight_decay = weight_decay
+        with reading(path, "optimizer.pt"):
+            optim = torch.load(path / "optimizer.pt", weights_only=True)
+        load_optimizer_state(inner, trainer.optimizer, optim)
         trainer.global_step = int(meta["global_step"])
         trainer.skipped_steps = int(meta["skipped_steps"])
         trainer.bco_reward_sum = float(meta.get("bco_reward_sum", 0.0))
