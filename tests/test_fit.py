@@ -434,12 +434,18 @@ def test_precomputed_reference_matches_the_live_reference(tmp_path):
         assert_params_close(params(model), params(live_model))
 
 
-def test_reference_cache_is_invalidated_by_weights_data_and_settings(tmp_path):
+def cached_trainer(tmp_path):
+    """(dataset saved at ``tmp_path``, reference, trainer) with the reference log-probs cached."""
     ds = make_dataset(8)
     ds.save(tmp_path)
     ref = make_model()
     trainer = DPO(perturbed(ref), ref, beta=0.5)
     trainer.precompute_reference(ds, max_length=16, progress=False)
+    return ds, ref, trainer
+
+
+def test_reference_cache_is_invalidated_by_weights_data_and_settings(tmp_path):
+    ds, ref, trainer = cached_trainer(tmp_path)
     before = trainer.evaluate(ds, max_length=16)
 
     # new reference weights: the cache no longer applies and the live reference runs
@@ -586,11 +592,7 @@ def _edit_weight(ref: torch.nn.Module, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["data.copy_", "data[...] +=", "data =", "float16 round trip"])
 def test_reference_cache_notices_edits_that_bypass_the_version_counter(tmp_path, how):
-    ds = make_dataset(8)
-    ds.save(tmp_path)
-    ref = make_model()
-    trainer = DPO(perturbed(ref), ref, beta=0.5)
-    trainer.precompute_reference(ds, max_length=16, progress=False)
+    ds, ref, trainer = cached_trainer(tmp_path)
     before = trainer.evaluate(ds, max_length=16)
     _edit_weight(ref, how)
     with pytest.warns(UserWarning, match="other reference weights; ignored"):
@@ -605,12 +607,12 @@ def test_reference_cache_notices_edits_that_bypass_the_version_counter(tmp_path,
 
 
 def test_reference_weights_are_hashed_once_per_call(monkeypatch, tmp_path):
-    import rlox.algorithms.dpo as dpo_module
+    import rlox.train.reference as reference_module
 
     calls = []
-    real = dpo_module.weights_digest
+    real = reference_module.weights_digest
     monkeypatch.setattr(
-        dpo_module, "weights_digest", lambda *a, **k: calls.append(1) or real(*a, **k)
+        reference_module, "weights_digest", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     train, test = make_dataset(8), make_dataset(6, seed=3)
     train.save(tmp_path / "train")
@@ -629,7 +631,7 @@ def test_reference_weights_are_hashed_once_per_call(monkeypatch, tmp_path):
     trainer.evaluate(test, max_length=16)
     trainer.evaluate(test, max_length=16)
     assert len(calls) == 3  # each call hashes afresh: no digest outlives its call
-    assert trainer._digest_cache is None and trainer._digest_depth == 0
+    assert trainer._reference_weights._cached is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlox.data import PairBatch
+from rlox.batch import PairBatch
 
 __all__ = ["attention_mask", "attn_implementation"]
 

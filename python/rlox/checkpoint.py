@@ -52,6 +52,12 @@ from torch import nn
 
 from rlox.manifest import MANIFEST, ManifestWriter, manifest_problem
 from rlox.optimizers import check_group_sizes, check_optimizer, optimizer_groups
+from rlox.train.distributed import (
+    all_agree,
+    full_tensor,
+    is_sharded,
+    process_group,
+)
 
 __all__ = [
     "CHECKPOINTS",
@@ -92,31 +98,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _dist() -> Any:
-    dist = torch.distributed
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _dtensor_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` is a DTensor (FSDP2 ``fully_shard``, tensor parallel)."""
-    dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in module.parameters())
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself, or the whole tensor of a DTensor (a collective: every rank must call it)."""
-    dtensor = _dtensor_type()
-    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 def _tied_names(module: nn.Module) -> list[list[str]]:
@@ -186,7 +167,7 @@ def full_state(
     if optimizer is not None:
         if optimizer.state:
             optim = get_optimizer_state_dict(module, optimizer, options=options)
-        elif _dist() is None or torch.distributed.get_rank() == 0:
+        elif process_group() is None or torch.distributed.get_rank() == 0:
             # Nothing to gather; get_optimizer_state_dict would initialise the state by a step.
             optim = _rekey(optimizer.state_dict(), dict(enumerate(_param_names(module, optimizer))))
     return weights, optim
@@ -282,18 +263,6 @@ def load_optimizer_state(
         group.update(saved)
 
 
-def _all_agree(failed: bool, module: nn.Module) -> bool:
-    """Whether no rank ``failed`` (a collective)."""
-    dist = _dist()
-    if dist is None:
-        return not failed
-    p = next(iter(module.parameters()), None)
-    device = torch.device("cpu") if p is None else p.device
-    flag = torch.tensor([float(failed)], device=device)
-    dist.all_reduce(flag)
-    return float(flag.item()) == 0.0
-
-
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The global generator states: (JSON-able Python/numpy states, torch CPU/CUDA state tensors)."""
     version, keys, gauss = random.getstate()
@@ -384,7 +353,7 @@ def verify_checkpoint(
     path = Path(path)
     problem = manifest_problem(path, files) if path.is_dir() else "no such directory"
     if module is not None and is_sharded(module):
-        if not _all_agree(problem is not None, module) and problem is None:
+        if not all_agree(problem is not None, module) and problem is None:
             problem = "verification failed on another rank"
     if problem is not None:
         raise ValueError(f"{field}: {path}: {problem}")
@@ -404,7 +373,7 @@ def resume_checkpoint(
     """
     if resume_from is None:
         return None
-    dist = _dist()
+    dist = process_group()
     choice: Path | None = None
     error: ValueError | None = None
     if dist is None or dist.get_rank() == 0:
@@ -465,7 +434,7 @@ def save_checkpoint(
     A failed write then raises on every rank, and the other ranks return None.
     """
     sharded = is_sharded(model)
-    dist = _dist()
+    dist = process_group()
     collective = dist is not None and (sharded or bool(collective))
     writer = not collective or dist.get_rank() == 0
     weights: dict[str, torch.Tensor] | None = None
@@ -499,7 +468,7 @@ def save_checkpoint(
             if not collective:
                 raise
             error = e
-    if collective and not _all_agree(error is not None, model):
+    if collective and not all_agree(error is not None, model):
         if error is not None:
             raise error
         raise RuntimeError(f"checkpoint: rank 0 failed to write step-{step} (see its error)")

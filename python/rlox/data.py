@@ -2,19 +2,17 @@
 
 Each column is stored Arrow style as flat token ids plus ``n + 1`` offsets. The store can be built
 from Python lists, numpy arrays or Arrow / Hugging Face ``datasets`` columns (without copying where
-the layout allows), or tokenized from text; saved to a directory and memory-mapped back in O(1);
-collated in Rust into ``padded``, ``packed`` or ``prefix_shared`` batches that share one log-prob
-gather plan; and split into length-grouped, deterministic, rank-sharded batches.
+the layout allows; inputs are converted in :mod:`rlox.columns`), or tokenized from text; saved to a
+directory and memory-mapped back in O(1); collated in Rust into a :class:`~rlox.batch.PairBatch`
+(``padded``, ``packed`` or ``prefix_shared``, sharing one log-prob gather plan); and split into
+length-grouped, deterministic, rank-sharded batches.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +20,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rlox import __version__, _rlox
+from rlox import _rlox
+from rlox.batch import LAYOUTS, PairBatch, batch_from_arrays, dense_attention_mask
+from rlox.columns import ARRAY_NAMES, COLUMNS, array_columns, arrow_columns, list_columns
+from rlox.store_file import DATA_FILE as DATA_FILE
+from rlox.store_file import META_FILE as META_FILE
+from rlox.store_file import STORE_FORMAT as STORE_FORMAT
+from rlox.store_file import STORE_VERSION as STORE_VERSION
+from rlox.store_file import read_store, write_store
 
 __all__ = [
     "LAYOUTS",
@@ -34,127 +39,6 @@ __all__ = [
     "PreferenceDataset",
     "dense_attention_mask",
 ]
-
-LAYOUTS = ("padded", "packed", "prefix_shared")
-STORE_FORMAT = "rlox-preference-store"
-STORE_VERSION = 1
-META_FILE = "rlox_store.json"
-DATA_FILE = "tokens.bin"
-_COLUMNS = ("prompt", "chosen", "rejected")
-_ARRAYS = tuple(f"{c}_{k}" for c in _COLUMNS for k in ("values", "offsets"))
-
-
-@dataclass(frozen=True)
-class PairBatch:
-    """A collated batch of B preference pairs in one of three layouts.
-
-    Matrices are ``(R, L)``: ``R = 2B`` rows for ``padded`` (row ``i`` is prompt_i + chosen_i, row
-    ``B + i`` prompt_i + rejected_i), the number of packed rows for ``packed``, ``B`` for
-    ``prefix_shared`` (row ``i`` is prompt_i + chosen_i + rejected_i). The gather plan lists every
-    completion token once: ``plan_row``/``plan_position`` locate the logits that predict it,
-    ``plan_target`` is its id, ``plan_pair`` its pair (0..B-1) and ``plan_side`` 0 for chosen, 1 for
-    rejected. Summing token log-probs by ``plan_side * B + plan_pair`` gives the (2B,) sequence
-    log-probs in every layout.
-    """
-
-    input_ids: Tensor  # (R, L) int64
-    attention_mask: Tensor  # (R, L) int64, 1 on real tokens
-    position_ids: Tensor  # (R, L) int64
-    loss_mask: Tensor  # (R, L) bool, True on completion tokens
-    chosen_lengths: Tensor  # (B,) int64, after truncation
-    rejected_lengths: Tensor  # (B,) int64
-    plan_row: Tensor  # (N,) int64
-    plan_position: Tensor  # (N,) int64
-    plan_target: Tensor  # (N,) int64
-    plan_pair: Tensor  # (N,) int64
-    plan_side: Tensor  # (N,) int64
-    prompt_lengths: Tensor | None = None  # (B,) int64
-    sequence_ids: Tensor | None = None  # (R, L) int32, -1 on padding
-    layout: str = "padded"
-    cu_seqlens: Tensor | None = None  # packed: (S + 1,) int32 over the flattened (R * L) stream
-    segment_ends: Tensor | None = None  # prefix_shared: (B, 3) ends of prompt, chosen, rejected
-    pair_index: Tensor | None = None  # (B,) store index of each pair
-    skipped: Tensor | None = None  # store indices of pairs dropped by truncation
-    num_truncated: int = 0
-
-    def __getattribute__(self, name: str) -> Any:
-        # The collator's numpy arrays become tensors (without a copy) when first read, so a
-        # batch pays only for the fields its consumer uses.
-        value = object.__getattribute__(self, name)
-        if type(value) is np.ndarray:
-            value = torch.from_numpy(value)
-            object.__setattr__(self, name, value)
-        return value
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self.chosen_lengths.shape[0])
-
-    def to(self, device: torch.device | str) -> PairBatch:
-        """The same batch with every tensor on ``device`` (itself when already there)."""
-        device = torch.device(device)
-        held = [v for v in self.__dict__.values() if isinstance(v, Tensor)]
-        if device.type == "cpu" and all(v.device == device for v in held):
-            return self  # numpy fields are CPU memory too, and stay lazy
-        moved = {
-            f.name: v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v
-            for f in fields(self)
-        }
-        return PairBatch(**moved)
-
-    def dense_attention_mask(self) -> Tensor:
-        """(R, 1, L, L) bool mask, True where a query may attend a key (for small inputs)."""
-        return dense_attention_mask(self)
-
-
-def dense_attention_mask(batch: PairBatch) -> Tensor:
-    """Expand a batch's compact attention structure into a (R, 1, L, L) boolean mask.
-
-    Causal within each sequence (``sequence_ids``); in ``prefix_shared`` rows, rejected tokens
-    never see chosen tokens. Padding queries attend only themselves, so no row is empty.
-    """
-    rows, length = batch.input_ids.shape
-    device = batch.input_ids.device
-    if batch.sequence_ids is None:
-        seq = torch.where(
-            batch.attention_mask.bool(), torch.arange(rows, device=device)[:, None], -1
-        )
-    else:
-        seq = batch.sequence_ids.long()
-    valid = seq >= 0
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    mask = (seq[:, :, None] == seq[:, None, :]) & causal & valid[:, None, :]
-    if batch.layout == "prefix_shared" and batch.segment_ends is not None:
-        t = torch.arange(length, device=device)
-        ends = batch.segment_ends.to(device)
-        chosen = (t >= ends[:, 0:1]) & (t < ends[:, 1:2])
-        rejected = (t >= ends[:, 1:2]) & (t < ends[:, 2:3])
-        mask &= ~(rejected[:, :, None] & chosen[:, None, :])
-    eye = torch.eye(length, dtype=torch.bool, device=device)
-    mask |= eye & ~valid[:, :, None]
-    return mask[:, None]
-
-
-_BATCH_DEFAULTS = {
-    f.name: None if f.default is MISSING else f.default
-    for f in fields(PairBatch)
-    if f.name != "layout"
-}
-
-
-def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
-    """Wrap the arrays returned by the Rust collator in a :class:`PairBatch` (tensors on access)."""
-    kw = {name: arrays.get(name, default) for name, default in _BATCH_DEFAULTS.items()}
-    kw["layout"] = layout
-    if layout != "packed":
-        kw["cu_seqlens"] = None
-    if layout != "prefix_shared":
-        kw["segment_ends"] = None
-    # Every field is given, so fill the frozen instance directly (its __init__ costs about as
-    # much again for ~20 fields); numpy arrays turn into tensors on first access.
-    batch = object.__new__(PairBatch)
-    batch.__dict__.update(kw)
-    return batch
 
 
 class PairLengths(NamedTuple):
@@ -223,78 +107,6 @@ def _indices(indices: Any, n: int | None = None) -> np.ndarray:
     return arr
 
 
-def _flatten(name: str, rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Flat int64 values and (n + 1,) offsets of a sequence of id sequences."""
-    if isinstance(rows, (str, bytes, Mapping)) or not isinstance(rows, Iterable):
-        raise TypeError(f"{name}: expected a sequence of token-id sequences")
-    parts = []
-    for i, row in enumerate(rows):
-        if isinstance(row, Tensor):
-            row = row.detach().cpu().numpy()
-        if isinstance(row, (str, bytes, Mapping)) or not isinstance(row, Iterable):
-            raise TypeError(f"{name}[{i}]: expected a sequence of ints, got {type(row).__name__}")
-        try:
-            arr = row if isinstance(row, np.ndarray) else np.asarray(list(row))
-        except (ValueError, TypeError):
-            raise TypeError(f"{name}[{i}]: expected a flat sequence of ints") from None
-        if arr.ndim != 1:
-            raise TypeError(f"{name}[{i}]: expected a flat sequence of ints, got shape {arr.shape}")
-        if arr.size == 0:
-            arr = np.zeros(0, dtype=np.int64)
-        elif arr.dtype.kind == "O" and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in arr
-        ):
-            raise ValueError(f"{name}[{i}]: token id does not fit in 64 bits")
-        elif arr.dtype.kind not in "iu":
-            raise TypeError(f"{name}[{i}]: token ids must be ints, got dtype {arr.dtype}")
-        elif arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
-            raise ValueError(f"{name}[{i}]: token id does not fit in 64 bits")
-        parts.append(arr.astype(np.int64, copy=False))
-    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum(np.fromiter(map(len, parts), np.int64, len(parts)), out=offsets[1:])
-    values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return values, offsets
-
-
-def _narrow(values: np.ndarray) -> np.ndarray:
-    """int64 token ids as int32 when they fit (half the memory)."""
-    if values.size == 0 or (values.min() >= 0 and values.max() <= np.iinfo(np.int32).max):
-        return values.astype(np.int32)
-    return values
-
-
-def _arrow_column(table: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Values and offsets of a list<int> Arrow column, zero-copy when it is a single chunk."""
-    import pyarrow as pa
-
-    try:
-        col = table[name]
-    except (KeyError, ValueError):
-        raise ValueError(f"{name}: missing column") from None
-    if isinstance(col, pa.ChunkedArray):
-        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    if not isinstance(col, pa.Array):
-        raise TypeError(f"{name}: expected an Arrow list<int> column, got {type(col).__name__}")
-    typ = col.type
-    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_integer(
-        typ.value_type
-    ):
-        raise TypeError(f"{name}: expected an Arrow list<int> column, got {typ}")
-    if col.null_count:
-        first = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise ValueError(f"{name}[{first}]: null row")
-    offsets = col.offsets.to_numpy(zero_copy_only=True)
-    values = col.values
-    used = values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])) if len(offsets) else values
-    if used.null_count:
-        first = int(np.flatnonzero(used.is_null().to_numpy(zero_copy_only=False))[0])
-        row = int(np.searchsorted(offsets, offsets[0] + first, side="right")) - 1
-        raise ValueError(f"{name}[{row}]: null token id")
-    if values.null_count:  # nulls outside the rows in use: keep only the used run of values
-        return used.to_numpy(zero_copy_only=True), offsets - offsets[0]
-    return values.to_numpy(zero_copy_only=True), offsets
-
-
 class PreferenceDataset:
     """(prompt, chosen, rejected) token pairs in a Rust ragged store.
 
@@ -313,12 +125,13 @@ class PreferenceDataset:
         self._base_resident = 0
         self._calls = 0
         arrays = store.arrays()
-        self._arrays = dict(zip(_ARRAYS, arrays, strict=True))
+        self._arrays = dict(zip(ARRAY_NAMES, arrays, strict=True))
         self._directory: Path | None = path
         # Per-pair reference log-probs by cache key (see DPO.precompute_reference).
         self._reference_logps: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction
+    # Input conversion lives in rlox.columns; each from_* wraps its arrays in a PairStore.
     @classmethod
     def from_arrays(
         cls,
@@ -346,17 +159,7 @@ class PreferenceDataset:
             rejected_values,
             rejected_offsets,
         )
-        arrays = []
-        for name, a in zip(_ARRAYS, given, strict=True):
-            if isinstance(a, Tensor):
-                a = a.detach().cpu().numpy()
-            elif not isinstance(a, np.ndarray):
-                try:
-                    a = np.asarray(a)
-                except (ValueError, TypeError) as e:
-                    raise TypeError(f"{name}: expected a 1-D integer array ({e})") from None
-            arrays.append(a)
-        store = _rlox.PairStore(*arrays)
+        store = _rlox.PairStore(*array_columns(given))
         if validate:
             store.validate(vocab_size)
         return cls(store)
@@ -371,11 +174,7 @@ class PreferenceDataset:
         vocab_size: int | None = None,
     ) -> PreferenceDataset:
         """Build from three equal-length sequences of token-id sequences (copied into the store)."""
-        cols = [
-            _flatten(n, r)
-            for n, r in zip(_COLUMNS, (prompt_ids, chosen_ids, rejected_ids), strict=True)
-        ]
-        store = _rlox.PairStore(*(a for v, o in cols for a in (_narrow(v), o)))
+        store = _rlox.PairStore(*list_columns(prompt_ids, chosen_ids, rejected_ids))
         store.validate(vocab_size)
         return cls(store)
 
@@ -393,19 +192,7 @@ class PreferenceDataset:
         rejected) in place when each is a single chunk. A ``datasets.Dataset`` with an index
         mapping (after ``select``/``shuffle``) is gathered through that mapping.
         """
-        if isinstance(columns, str) or len(columns) != 3:
-            raise ValueError("columns: expected the names of the prompt, chosen, rejected columns")
-        table, mapping = data, None
-        if hasattr(data, "_indices") and hasattr(data, "data"):  # datasets.Dataset
-            table = data.data.table if hasattr(data.data, "table") else data.data
-            if data._indices is not None:
-                mapping = data._indices.column(0).to_numpy()
-        if not hasattr(table, "__getitem__"):
-            raise TypeError(f"data: expected an Arrow table or dataset, got {type(data).__name__}")
-        arrays = []
-        for name in columns:
-            values, offsets = _arrow_column(table, name)
-            arrays += [values, offsets]
+        arrays, mapping = arrow_columns(data, columns)
         try:
             store = _rlox.PairStore(*arrays)
         except ValueError as e:
@@ -433,33 +220,14 @@ class PreferenceDataset:
         )
 
     # ------------------------------------------------------------------ persistence
+    # The file format (header, sections, checksums) lives in rlox.store_file.
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the store to directory ``path``: ``tokens.bin`` (int32 values, int64 offsets, each
         section 64-byte aligned with a CRC-32) and ``rlox_store.json``. Files are written under
         temporary names and renamed, so an interrupted save never leaves a readable broken store.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tag = uuid.uuid4().hex[:8]
-        tmp_data, tmp_meta = path / f".{DATA_FILE}.{tag}", path / f".{META_FILE}.{tag}"
-        try:
-            sections = self._store.save(str(tmp_data))
-            meta: dict[str, Any] = {
-                "format": STORE_FORMAT,
-                "version": STORE_VERSION,
-                "rlox_version": __version__,
-                "num_pairs": len(self),
-                "data_file": DATA_FILE,
-                "data_bytes": tmp_data.stat().st_size,
-                "sections": sections,
-            }
-            meta["header_crc32"] = _header_crc(meta)
-            tmp_meta.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp_data, path / DATA_FILE)
-            os.replace(tmp_meta, path / META_FILE)
-        finally:
-            for f in (tmp_data, tmp_meta):
-                f.unlink(missing_ok=True)
+        write_store(self._store, path)
         self._directory = path.resolve()
         return path
 
@@ -485,58 +253,7 @@ class PreferenceDataset:
         than the budget collates up to about 2x slower).
         """
         path = Path(path)
-        meta_file = path / META_FILE
-        if not meta_file.is_file():
-            raise ValueError(f"path: {path} is not an rlox store ({META_FILE} missing)")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"path: {meta_file} is corrupted ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
-            raise ValueError(f"path: {meta_file} is not an rlox store header")
-        if meta.get("version") != STORE_VERSION:
-            raise ValueError(
-                f"path: store format version {meta.get('version')} is not supported "
-                f"(this rlox reads version {STORE_VERSION})"
-            )
-        if meta.get("header_crc32") != _header_crc(meta):
-            raise ValueError(f"path: {meta_file} is corrupted (header checksum mismatch)")
-        data_file = path / DATA_FILE
-        if not data_file.is_file():
-            raise ValueError(f"path: {data_file} is missing")
-        size = data_file.stat().st_size
-        if size != meta["data_bytes"]:
-            raise ValueError(
-                f"path: {data_file} is truncated or corrupted "
-                f"({size} bytes, the header says {meta['data_bytes']})"
-            )
-        sections = {s["name"]: s for s in meta["sections"]}
-        if set(sections) != set(_ARRAYS):
-            raise ValueError(f"path: {meta_file} is corrupted (sections {sorted(sections)})")
-        if size == 0:
-            raw = np.zeros(0, dtype=np.uint8)
-        elif mmap:
-            raw = np.memmap(data_file, dtype=np.uint8, mode="r")
-        else:
-            raw = np.fromfile(data_file, dtype=np.uint8)
-        arrays = []
-        for name in _ARRAYS:
-            s = sections[name]
-            dtype = np.dtype(s["dtype"])
-            start, count = int(s["offset"]), int(s["count"])
-            end = start + count * dtype.itemsize
-            if start < 0 or count < 0 or end > size or start % dtype.alignment:
-                raise ValueError(f"path: section {name} lies outside {data_file}; corrupted")
-            arr = raw[start:end].view(dtype)
-            if verify or (verify is None and not mmap):
-                if _rlox.crc32(arr) != s["crc32"]:
-                    raise ValueError(
-                        f"path: section {name} of {data_file} fails its checksum; corrupted"
-                    )
-            arrays.append(arr)
-        store = _rlox.PairStore(*arrays)
-        if len(store) != meta["num_pairs"]:
-            raise ValueError(f"path: {meta_file} is corrupted (pair count mismatch)")
+        store, raw = read_store(path, mmap=mmap, verify=verify)
         dataset = cls(store, path=path.resolve() if mmap else None)
         dataset._directory = path.resolve()
         if mmap:
@@ -589,7 +306,7 @@ class PreferenceDataset:
             raise IndexError(f"index {i} out of range for {n} pairs")
         i = int(i) % n
         out: dict[str, Any] = {"index": i}
-        for c in _COLUMNS:
+        for c in COLUMNS:
             off = self._arrays[f"{c}_offsets"]
             out[c] = self._arrays[f"{c}_values"][off[i] : off[i + 1]]
         return out
@@ -613,7 +330,7 @@ class PreferenceDataset:
         Hashes the CRC-32 of each column's row lengths and of its ids as int64, in chunks.
         """
         digest = hashlib.sha256(str(len(self)).encode())
-        for c in _COLUMNS:
+        for c in COLUMNS:
             off = self._arrays[f"{c}_offsets"]
             values = self._arrays[f"{c}_values"][off[0] : off[-1]] if len(off) else off[:0]
             digest.update(b"%d|" % _rlox.crc32(np.diff(off)))
@@ -787,7 +504,7 @@ class PreferenceDataset:
         """
         lens = self.lengths()
         out: dict[str, Any] = {"pairs": len(self), "tokens": {}, "lengths": {}, "padding": {}}
-        for name, arr in zip(_COLUMNS, lens, strict=True):
+        for name, arr in zip(COLUMNS, lens, strict=True):
             out["tokens"][name] = int(arr.sum())
             if len(arr):
                 pct = np.percentile(arr, percentiles)
@@ -829,12 +546,6 @@ class PreferenceDataset:
     def collator(self, **kwargs: Any) -> PreferenceCollator:
         """A :class:`PreferenceCollator` over this dataset (keywords as :meth:`collate`)."""
         return PreferenceCollator(self, **kwargs)
-
-
-def _header_crc(meta: Mapping[str, Any]) -> int:
-    body = {k: v for k, v in meta.items() if k != "header_crc32"}
-    blob = np.frombuffer(json.dumps(body, sort_keys=True).encode(), dtype=np.uint8)
-    return int(_rlox.crc32(blob)) if blob.size else 0
 
 
 def _resident_file_bytes() -> int | None:

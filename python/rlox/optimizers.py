@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "check_group_sizes", "check_optimizer", "optimizer_groups"]
+__all__ = [
+    "build_optimizer",
+    "check_group_sizes",
+    "check_optimizer",
+    "default_optimizer",
+    "optimizer_groups",
+]
 
 _OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 
@@ -54,6 +60,21 @@ def optimizer_groups(
                 options[key] = value
         groups.append({"params": [names.get(id(p)) for p in group["params"]], "options": options})
     return groups
+
+
+def default_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam over ``model``'s trainable parameters, or AdamW when ``weight_decay`` > 0.
+
+    AdamW decays parameters of 2 or more dimensions only (never biases or norms).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not weight_decay:
+        return torch.optim.Adam(params, lr=lr)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
 def build_optimizer(

@@ -7,15 +7,14 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use numpy::{
-    Element, IntoPyArray, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods,
-    PyReadonlyArray1, PyUntypedArrayMethods,
+    PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use super::convert::{collated_dict, dtype_name, int64_array, int_arg, ndarray, str_arg, vec_i64};
 use super::errors::to_py;
-use super::kernels::{dtype_name, int64_array, int_arg, ndarray};
-use crate::core::collate::{collate, CollateOptions, Collated, Layout, Truncation};
+use crate::core::collate::{collate, CollateOptions, Layout, Truncation};
 use crate::core::disk;
 use crate::core::errors::RloxError;
 use crate::core::plan::{layout_tokens, plan, Plan, PlanOptions};
@@ -85,20 +84,6 @@ fn count_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<usiz
         ))),
         Some(v) => Ok(Some(v as usize)),
     }
-}
-
-fn str_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
-    obj.extract::<String>().map_err(|_| {
-        to_py(RloxError::type_error(
-            name,
-            format!(
-                "expected a str, got {}",
-                obj.get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string())
-            ),
-        ))
-    })
 }
 
 const COLLATE_KEYS: [&str; 7] = [
@@ -185,53 +170,6 @@ impl<'a, 'py> Options<'a, 'py> {
         o.validate().map_err(to_py)?;
         Ok(o)
     }
-}
-
-fn vec_i64<'py>(py: Python<'py>, v: Vec<i64>) -> Bound<'py, PyArray1<i64>> {
-    PyArray1::from_vec(py, v)
-}
-
-/// A collated batch as a dict of numpy arrays (handed over without copying).
-/// A `rows x cols` numpy matrix that takes over `v` (no copy).
-fn matrix<'py, T: Element>(
-    py: Python<'py>,
-    v: Vec<T>,
-    rows: usize,
-    cols: usize,
-) -> PyResult<Bound<'py, PyArray2<T>>> {
-    let a = numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
-        .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
-    Ok(a.into_pyarray(py))
-}
-
-/// A collated batch as a dict of numpy arrays (handed over without copying).
-pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound<'py, PyDict>> {
-    let (rows, len) = (b.rows, b.length);
-    let out = PyDict::new(py);
-    out.set_item("input_ids", matrix(py, b.input_ids, rows, len)?)?;
-    out.set_item("attention_mask", matrix(py, b.attention_mask, rows, len)?)?;
-    out.set_item("position_ids", matrix(py, b.position_ids, rows, len)?)?;
-    out.set_item("loss_mask", matrix(py, b.loss_mask, rows, len)?)?;
-    out.set_item("sequence_ids", matrix(py, b.sequence_ids, rows, len)?)?;
-    out.set_item("cu_seqlens", PyArray1::from_vec(py, b.cu_seqlens))?;
-    let segment_rows = b.segment_ends.len() / 3;
-    out.set_item("segment_ends", matrix(py, b.segment_ends, segment_rows, 3)?)?;
-    out.set_item("num_truncated", b.truncated)?;
-    for (key, v) in [
-        ("pair_index", b.pair_index),
-        ("skipped", b.skipped),
-        ("prompt_lengths", b.prompt_lengths),
-        ("chosen_lengths", b.chosen_lengths),
-        ("rejected_lengths", b.rejected_lengths),
-        ("plan_row", b.plan_row),
-        ("plan_position", b.plan_position),
-        ("plan_target", b.plan_target),
-        ("plan_pair", b.plan_pair),
-        ("plan_side", b.plan_side),
-    ] {
-        out.set_item(key, vec_i64(py, v))?;
-    }
-    Ok(out)
 }
 
 /// Ragged (prompt, chosen, rejected) token columns: flat values plus `n + 1` offsets each.

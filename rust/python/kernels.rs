@@ -1,12 +1,14 @@
 //! `dpo_loss` and `collate_pairs`: numpy in (zero-copy), numpy out (no copy), GIL released.
-use numpy::npyffi::NPY_ARRAY_ALIGNED;
 use numpy::{
-    Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1,
-    PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
+    Element, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::convert::{
+    collated_dict, dtype_name, float_arg, int64_array, int_arg, ndarray, str_arg,
+};
 use super::errors::to_py;
 use crate::core::collate::{collate_pairs as core_collate, IdMatrix};
 use crate::core::errors::RloxError;
@@ -14,108 +16,6 @@ use crate::core::fastmath::Real;
 use crate::core::loss::{
     dpo_loss as core_loss, FDivergence, LossConfig, LossInputs, LossOptions, LossOutputs, LossType,
 };
-
-/// `obj` as a C-contiguous numpy array with `ndim` dimensions (copied only if not contiguous).
-pub(super) fn ndarray<'py>(
-    name: &str,
-    obj: &Bound<'py, PyAny>,
-    ndim: usize,
-) -> PyResult<Bound<'py, PyUntypedArray>> {
-    let Ok(arr) = obj.cast::<PyUntypedArray>() else {
-        let ty = obj.get_type().name()?;
-        return Err(to_py(RloxError::type_error(
-            name,
-            format!("expected a numpy.ndarray, got {ty}"),
-        )));
-    };
-    if arr.ndim() != ndim {
-        return Err(to_py(RloxError::value(
-            name,
-            format!("must be {ndim}-D, got shape {:?}", arr.shape()),
-        )));
-    }
-    // SAFETY: `arr` is a live numpy array; reading its flags field is always valid.
-    let flags = unsafe { (*arr.as_array_ptr()).fields.flags };
-    if arr.is_c_contiguous() && flags & NPY_ARRAY_ALIGNED != 0 {
-        return Ok(arr.clone());
-    }
-    // Strided or misaligned views are copied once into an aligned C-contiguous array.
-    let np = obj.py().import("numpy")?;
-    Ok(np
-        .call_method1("require", (arr, obj.py().None(), "CA"))?
-        .cast_into::<PyUntypedArray>()?)
-}
-
-/// A float option; overflow or a non-number becomes an error naming the option.
-pub(super) fn float_arg(name: &str, obj: Option<&Bound<'_, PyAny>>, default: f64) -> PyResult<f64> {
-    let Some(obj) = obj else {
-        return Ok(default);
-    };
-    if obj.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(to_py(RloxError::type_error(
-            name,
-            "expected a number, got bool",
-        )));
-    }
-    obj.extract::<f64>().map_err(|e| {
-        if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) {
-            to_py(RloxError::value(name, "number is too large"))
-        } else {
-            to_py(RloxError::type_error(
-                name,
-                format!(
-                    "expected a number, got {}",
-                    obj.get_type()
-                        .name()
-                        .map_or_else(|_| "?".into(), |n| n.to_string())
-                ),
-            ))
-        }
-    })
-}
-
-/// An optional integer option; overflow or a non-integer becomes an error naming the option.
-pub(super) fn int_arg(name: &str, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<i64>> {
-    match obj {
-        None => Ok(None),
-        Some(o) if o.is_none() => Ok(None),
-        Some(o) if o.is_instance_of::<pyo3::types::PyBool>() => Err(to_py(RloxError::type_error(
-            name,
-            "expected an int, got bool",
-        ))),
-        Some(o) => o.extract::<i64>().map(Some).map_err(|e| {
-            if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(o.py()) {
-                to_py(RloxError::value(name, "integer does not fit in 64 bits"))
-            } else {
-                to_py(RloxError::type_error(name, "expected an int or None"))
-            }
-        }),
-    }
-}
-
-pub(super) fn dtype_name(arr: &Bound<'_, PyUntypedArray>) -> String {
-    arr.dtype().to_string()
-}
-
-/// Integer arrays of any integer dtype, converted to int64 (copied only if not already int64).
-pub(super) fn int64_array<'py>(
-    name: &str,
-    obj: &Bound<'py, PyAny>,
-    ndim: usize,
-) -> PyResult<Bound<'py, PyAny>> {
-    let arr = ndarray(name, obj, ndim)?;
-    if arr.dtype().is_equiv_to(&numpy::dtype::<i64>(obj.py())) {
-        return Ok(arr.into_any());
-    }
-    let kind = arr.dtype().kind();
-    if kind == b'i' || kind == b'u' {
-        return arr.call_method1("astype", ("int64",));
-    }
-    Err(to_py(RloxError::type_error(
-        name,
-        format!("must hold integers, got dtype {}", dtype_name(&arr)),
-    )))
-}
 
 enum Floats<'py> {
     F32(PyReadonlyArray1<'py, f32>),
@@ -311,20 +211,6 @@ fn run_loss<'py, T: Real + Element>(
         rejected_reward: summary.rejected_reward,
         component_losses: components.unbind(),
         bco_delta: summary.bco_delta,
-    })
-}
-
-fn str_arg(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<String> {
-    obj.extract::<String>().map_err(|_| {
-        to_py(RloxError::type_error(
-            name,
-            format!(
-                "expected a str, got {}",
-                obj.get_type()
-                    .name()
-                    .map_or_else(|_| "?".into(), |n| n.to_string())
-            ),
-        ))
     })
 }
 
@@ -625,7 +511,7 @@ fn collate_pairs<'py>(
     let batch = py
         .detach(|| core_collate(mats[0], mats[1], mats[2], pad_token_id, vocab_size))
         .map_err(to_py)?;
-    super::data::collated_dict(py, batch)
+    collated_dict(py, batch)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

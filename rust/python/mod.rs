@@ -1,5 +1,6 @@
 //! PyO3 bindings: type conversion, GIL release and error mapping only.
 
+mod convert;
 mod data;
 mod errors;
 mod kernels;
