@@ -12,7 +12,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,71 +108,14 @@ class DPO:
         optimizer: torch.optim.Optimizer | None = None,
         precomputed_reference: bool = False,
     ) -> None:
-        if not isinstance(loss_type, str) and isinstance(loss_type, list | tuple):
-            loss_type = tuple(loss_type)
-        if loss_weights is not None and isinstance(loss_weights, list | tuple):
-            loss_weights = tuple(float(w) for w in loss_weights)
-        if ld_alpha is not None:
-            if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, int | float):
-                raise TypeError(
-                    f"ld_alpha: expected a float or None, got {type(ld_alpha).__name__}"
-                )
-            if not 0.0 <= ld_alpha <= 1.0:
-                raise ValueError(f"ld_alpha: must be in [0, 1], got {ld_alpha}")
-        config = DPOConfig(
-            beta=beta,
-            learning_rate=learning_rate,
-            max_grad_norm=max_grad_norm,
-            loss_type=loss_type,
-            loss_weights=loss_weights,
-            label_smoothing=label_smoothing,
-            f_divergence=f_divergence,
-            f_alpha_divergence_coef=f_alpha_divergence_coef,
-            reference_free=reference_free,
-            simpo_gamma=simpo_gamma,
-            cpo_alpha=cpo_alpha,
-            orpo_alpha=orpo_alpha,
-            rpo_alpha=rpo_alpha,
-            discopop_tau=discopop_tau,
-            ld_alpha=None if ld_alpha is None else float(ld_alpha),
-            pad_token_id=pad_token_id,
-        )
+        config = DPOConfig.from_arguments(_fields_of(DPOConfig, locals()))
         self._loss_options = config.loss_options()
         info = check_loss_options(**self._loss_options)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         needs_reference = bool(info["needs_reference"])
-        peft_reference = ref_model is None and needs_reference and is_peft(unwrap(model))
-        if ref_model is None:
-            if needs_reference and not (peft_reference or precomputed_reference):
-                raise ValueError(
-                    f"ref_model: loss_type {loss_type!r} compares the policy with a reference; "
-                    "pass a frozen copy of the model (or reference_free=True, a peft model, "
-                    "or precomputed_reference=True with DPO.precompute_reference)"
-                )
-        elif not isinstance(ref_model, nn.Module):
-            raise TypeError(
-                f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}"
-            )
-        if ref_model is model:
-            raise ValueError("ref_model: must be a separate frozen copy (copy.deepcopy(model))")
-        if not (learning_rate > 0 and math.isfinite(learning_rate)):
-            raise ValueError(f"learning_rate: must be > 0, got {learning_rate}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm: must be > 0 or None, got {max_grad_norm}")
-        if pad_token_id is not None and (
-            isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
-        ):
-            raise TypeError(
-                f"pad_token_id: expected an int or None, got {type(pad_token_id).__name__}"
-            )
-        self.config = replace(
-            config,
-            beta=float(beta),
-            learning_rate=float(learning_rate),
-            max_grad_norm=None if max_grad_norm is None else float(max_grad_norm),
-            label_smoothing=float(label_smoothing),
+        peft_reference = _check_models(
+            model, ref_model, config.loss_type, needs_reference, precomputed_reference
         )
+        self.config = config.checked()
         self.model = model
         # The reference is not needed (and not run) when every term is reference-free.
         self.ref_model = (
@@ -665,6 +608,36 @@ def _check_dataset(name: str, dataset: Any) -> None:
         raise TypeError(f"{name}: expected a PreferenceDataset, got {type(dataset).__name__}")
 
 
+def _fields_of(config: type[Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``given`` named like the fields of dataclass ``config``."""
+    return {f.name: given[f.name] for f in fields(config)}
+
+
 def _options(config: type[_C], given: dict[str, Any]) -> _C:
     """``config`` built (and so validated) from the same-named entries of ``given``."""
-    return config(**{f.name: given[f.name] for f in fields(config)})
+    return config(**_fields_of(config, given))
+
+
+def _check_models(
+    model: Any,
+    ref_model: Any,
+    loss_type: Any,
+    needs_reference: bool,
+    precomputed_reference: bool,
+) -> bool:
+    """Check the policy and reference; return whether a peft policy is its own reference."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    peft_reference = ref_model is None and needs_reference and is_peft(unwrap(model))
+    if ref_model is None:
+        if needs_reference and not (peft_reference or precomputed_reference):
+            raise ValueError(
+                f"ref_model: loss_type {loss_type!r} compares the policy with a reference; "
+                "pass a frozen copy of the model (or reference_free=True, a peft model, "
+                "or precomputed_reference=True with DPO.precompute_reference)"
+            )
+    elif not isinstance(ref_model, nn.Module):
+        raise TypeError(f"ref_model: expected a torch.nn.Module, got {type(ref_model).__name__}")
+    if ref_model is model:
+        raise ValueError("ref_model: must be a separate frozen copy (copy.deepcopy(model))")
+    return peft_reference

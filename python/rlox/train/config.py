@@ -10,8 +10,9 @@ carries ``metadata={"help": ...}``. A new option of ``fit`` is a new field of :c
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -92,6 +93,43 @@ class DPOConfig:
     discopop_tau: float = 0.05
     ld_alpha: float | None = None
     pad_token_id: int | None = None
+
+    @classmethod
+    def from_arguments(cls, kwargs: dict[str, Any]) -> DPOConfig:
+        """The config of :class:`~rlox.DPO`'s keyword arguments: lists become tuples, and
+        ``ld_alpha`` is checked (the loss options are checked by ``check_loss_options``)."""
+        kw = dict(kwargs)
+        loss_type, weights, ld_alpha = kw["loss_type"], kw["loss_weights"], kw["ld_alpha"]
+        if not isinstance(loss_type, str) and isinstance(loss_type, list | tuple):
+            kw["loss_type"] = tuple(loss_type)
+        if weights is not None and isinstance(weights, list | tuple):
+            kw["loss_weights"] = tuple(float(w) for w in weights)
+        if ld_alpha is not None:
+            if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, int | float):
+                raise TypeError(
+                    f"ld_alpha: expected a float or None, got {type(ld_alpha).__name__}"
+                )
+            if not 0.0 <= ld_alpha <= 1.0:
+                raise ValueError(f"ld_alpha: must be in [0, 1], got {ld_alpha}")
+            kw["ld_alpha"] = float(ld_alpha)
+        return cls(**kw)
+
+    def checked(self) -> DPOConfig:
+        """This config after the optimizer and padding checks, with its floats as floats."""
+        lr, max_norm, pad = self.learning_rate, self.max_grad_norm, self.pad_token_id
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"learning_rate: must be > 0, got {lr}")
+        if max_norm is not None and not max_norm > 0:
+            raise ValueError(f"max_grad_norm: must be > 0 or None, got {max_norm}")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
+            raise TypeError(f"pad_token_id: expected an int or None, got {type(pad).__name__}")
+        return replace(
+            self,
+            beta=float(self.beta),
+            learning_rate=float(lr),
+            max_grad_norm=None if max_norm is None else float(max_norm),
+            label_smoothing=float(self.label_smoothing),
+        )
 
     def loss_options(self) -> dict[str, Any]:
         """The keyword options of :func:`rlox.losses.dpo_loss`."""
