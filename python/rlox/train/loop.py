@@ -270,7 +270,7 @@ class _Run:
         self.out_dir = Path(cfg.output_dir) if cfg.output_dir is not None else None
         self.data_kw = cfg.data_kwargs()
         self.collate_kw = trainer._collate_kwargs(self.data_kw)
-        self.eval_plan_kw = dict(self.data_kw, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+        self.eval_plan_kw = cfg.plan_kwargs()  # fit requires batch_size or max_tokens
         plan_kw = dict(self.eval_plan_kw, seed=cfg.seed, rank=rank, world_size=world)
         # Each epoch is planned once: its length sets the schedule, its batches feed the loop.
         self.plans = [train.batches(epoch=e, **plan_kw) for e in range(cfg.epochs)]

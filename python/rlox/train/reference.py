@@ -98,7 +98,7 @@ class ReferenceWeights:
     ``source()`` gives (module, frozen_only): the reference model, or a peft policy whose
     frozen weights are its reference. Outside blocks nothing is remembered, so every call hashes
     afresh and no edit (``.data`` writes, dtype round trips, swapped tensors) leaves a stale
-    digest. Code that writes the reference inside a block must call :meth:`changed`.
+    digest. Code that writes the reference inside a block must reset ``_cached`` to None.
     """
 
     def __init__(self, source: Callable[[], tuple[nn.Module, bool]]) -> None:
@@ -116,10 +116,6 @@ class ReferenceWeights:
             self._depth -= 1
             if self._depth == 0:
                 self._cached = None
-
-    def changed(self) -> None:
-        """Forget the digest of the current block (the reference was written)."""
-        self._cached = None
 
     def digest(self) -> str:
         """:func:`weights_digest` of the reference."""
