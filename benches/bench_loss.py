@@ -2,7 +2,8 @@
 
 Usage: python benches/bench_loss.py [--pairs 1000000 10000000] [--repeats 5] [--threads 2]
 
-For each loss type (and each f-divergence, and an MPO-style weighted mix) and each size, prints
+For each loss type (and each f-divergence, an MPO-style weighted mix, and the mix with WPO pair
+weights) and each size, prints
 median wall times side by side: the Rust kernel (numpy in; loss, per-pair losses, gradients,
 rewards and metrics in one call), the differentiable ``rlox.losses.dpo_loss`` entry on CPU
 (the Rust kernel inside autograd, forward + backward), and torch eager (the same formulas as
@@ -37,30 +38,28 @@ def timeit(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cases() -> list[tuple[str, dict]]:
+def cases() -> list[tuple[str, dict, bool]]:
+    """(name, loss options, whether pair weights are passed)."""
     out = []
     for t in LOSS_TYPES:
         opts = {"loss_type": t}
-        if t == "exo_pair":
+        if t in ("exo_pair", "cdpo"):
             opts["label_smoothing"] = 0.1
-        out.append((t, opts))
+        out.append((t, opts, False))
     for div in ("forward_kl", "js_divergence", "alpha_divergence"):
-        out.append((f"sigmoid+{div}", {"loss_type": "sigmoid", "f_divergence": div}))
-    out.append(
-        (
-            "mpo mix",
-            {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
-        )
-    )
+        out.append((f"sigmoid+{div}", {"loss_type": "sigmoid", "f_divergence": div}, False))
+    mix = {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
+    out.append(("mpo mix", mix, False))
+    out.append(("mpo mix + pair_weights", mix, True))
     return out
 
 
-def torch_eager(tens, tlens, opts, terms):
+def torch_eager(tens, tlens, opts, terms, weights=None):
     """Forward + backward of the loss as plain torch ops, plus the rewards."""
     pc = tens[0].detach().requires_grad_()
     pr = tens[1].detach().requires_grad_()
     rc, rr = tens[2], tens[3]
-    losses, _, _ = _torch_terms(pc, pr, rc, rr, tlens[0], tlens[1], opts, terms)
+    losses, _, _ = _torch_terms(pc, pr, rc, rr, tlens[0], tlens[1], opts, terms, weights)
     loss = losses.mean()
     loss.backward()
     with torch.no_grad():
@@ -75,6 +74,8 @@ def bench_size(n: int, repeats: int) -> None:
     lens = [rng.integers(1, 512, n).astype(np.int64) for _ in range(2)]
     tens = [torch.from_numpy(a) for a in arrs]
     tlens = [torch.from_numpy(x) for x in lens]
+    weights = rng.uniform(0.0, 2.0, n).astype(np.float32)
+    tweights = torch.from_numpy(weights)
     print(f"\n{n:,} pairs")
     header = (
         f"{'loss':24} {'rust kernel':>12} {'rlox.losses':>12} {'torch eager':>12} "
@@ -82,7 +83,7 @@ def bench_size(n: int, repeats: int) -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, opts in cases():
+    for name, opts, weighted in cases():
         info = check_loss_options(**opts)
         full = {
             **{
@@ -103,6 +104,9 @@ def bench_size(n: int, repeats: int) -> None:
             if info["needs_lengths"]
             else {}
         )
+        if weighted:
+            kw = {**kw, "pair_weights": weights}
+            tkw = {**tkw, "pair_weights": tweights}
         t_rust = timeit(lambda opts=opts, kw=kw: rlox.dpo_loss(*arrs, **opts, **kw), repeats)
 
         def entry(opts=opts, tkw=tkw):
@@ -111,8 +115,9 @@ def bench_size(n: int, repeats: int) -> None:
             torch_entry(pc, pr, tens[2], tens[3], **opts, **tkw).loss.backward()
 
         t_entry = timeit(entry, repeats)
+        w = tweights if weighted else None
         t_torch = timeit(
-            lambda full=full, terms=terms: torch_eager(tens, tlens, full, terms), repeats
+            lambda full=full, terms=terms, w=w: torch_eager(tens, tlens, full, terms, w), repeats
         )
         print(
             f"{name:24} {t_rust * 1e3:9.1f} ms {t_entry * 1e3:9.1f} ms "

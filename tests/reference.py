@@ -3,9 +3,10 @@
 Written directly from the published formulas; nothing here calls into ``rlox``. With
 ``u = policy - ref`` (summed completion log-probs) and ``z = beta * (u_c - u_r)``:
 
-- sigmoid (DPO / conservative DPO): ``-(1 - eps) log sigma(z) - eps log sigma(-z)``
-- hinge (SLiC):                     ``max(0, 1 - z)``
-- ipo:                              ``(u_c / len_c - u_r / len_r - 1 / (2 beta)) ** 2``
+- sigmoid (DPO):              ``-log sigma(z)`` (no label smoothing, as TRL 1.16)
+- cdpo (conservative DPO):     ``-(1 - eps) log sigma(z) - eps log sigma(-z)``
+- hinge (SLiC):                ``max(0, 1 - z)``
+- ipo:                         ``(u_c / len_c - u_r / len_r - 1 / (2 beta)) ** 2``
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+LOSS_TYPES = ("sigmoid", "cdpo", "hinge", "ipo")
 
 
 def _softplus_np(x: np.ndarray) -> np.ndarray:
@@ -40,6 +41,10 @@ def reference_losses(
     pc, pr, rc, rr = (np.asarray(x, dtype=np.float64) for x in (pc, pr, rc, rr))
     uc, ur = pc - rc, pr - rr
     if loss_type == "sigmoid":
+        z = beta * (uc - ur)
+        # -log sigma(z) = softplus(-z)
+        losses = _softplus_np(-z)
+    elif loss_type == "cdpo":
         z = beta * (uc - ur)
         eps = label_smoothing
         # -log sigma(z) = softplus(-z); -log sigma(-z) = softplus(z)
@@ -82,11 +87,13 @@ def reference_losses_torch(
 ) -> torch.Tensor:
     """The same per-pair losses as differentiable torch ops (use float64 inputs for autograd)."""
     uc, ur = pc - rc, pr - rr
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "cdpo"):
         z = beta * (uc - ur)
         zero = torch.zeros_like(z)
         # softplus(x) = log(exp(0) + exp(x)), evaluated stably by logaddexp.
         sp_neg = torch.logaddexp(zero, -z)
+        if loss_type == "sigmoid":
+            return sp_neg
         sp_pos = torch.logaddexp(zero, z)
         return (1.0 - label_smoothing) * sp_neg + label_smoothing * sp_pos
     if loss_type == "hinge":
@@ -170,10 +177,19 @@ def reference_completion_logps(
 # ============================================================================================
 # The whole DPO loss family (see the loss specification): independent float64 references.
 #
-# Notation per pair: u = policy - ref (ref = 0 when reference-free), v = u / len (per-token
-# log-ratio), a = policy / len (per-token policy log-prob), s = f-divergence score,
-# Delta = s(u_c) - s(u_r), z = beta * Delta, Dv = s(v_c) - s(v_r), eps = label_smoothing,
+# Notation per pair: u = policy - ref (ref = 0 when reference-free), a = policy / len (per-token
+# policy log-prob), s = f-divergence score, Delta = s(u_c) - s(u_r), z = beta * Delta,
+# Dv = s(u_c) / len_c - s(u_r) / len_r, eps = label_smoothing (read only by the
+# LABEL_SMOOTHING_USERS: TRL 1.16's sigmoid and sigmoid_norm ignore it),
 # H(x) = (1 - eps) softplus(-x) + eps softplus(x)  (= -(1-eps) log sigma(x) - eps log sigma(-x)).
+# bco_pair's shift delta is bco_delta, default 0 (TRL 1.16).
+# The scores are Hugging Face TRL 1.16's (DPOTrainer._compute_loss):
+#   reverse_kl u;  forward_kl 1 - exp(-u);  js_divergence log 2 + log sigma(u);
+#   alpha_divergence (exp(t) - 1) / (alpha - 1), t = min((alpha - 1) u, 80), and u when
+#   |alpha - 1| < 1e-6.
+# sft is TRL's batch token mean, per pair -policy_c / m with m = sft_mean_length, default the
+# mean chosen length. pair_weights w (WPO) multiply every per-pair term (and the rpo term); sft
+# is multiplied by mean(w).
 
 FAMILY_TYPES = (
     "sigmoid",
@@ -190,6 +206,7 @@ FAMILY_TYPES = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "cdpo",
     "simpo",
     "cpo",
     "orpo",
@@ -198,10 +215,16 @@ FAMILY_TYPES = (
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # components whose loss is a function of Delta / Dv, and so of the f-divergence
 F_DIVERGENCE_USERS = frozenset(
-    {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm"}
+    {"sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm", "cdpo"}
 )
+# the types a non-default f-divergence may be combined with (TRL 1.16: sft too, which ignores it;
+# rlox's cdpo like sigmoid)
+F_DIVERGENCE_TYPES = F_DIVERGENCE_USERS | {"sft"}
+ALPHA_EXP_MAX = 80.0
+ALPHA_IDENTITY_TOL = 1e-6
+# TRL 1.16's robust, exo_pair, aot, aot_unpaired; rlox's cdpo; simpo and cpo (TRL's CPOTrainer)
 LABEL_SMOOTHING_USERS = frozenset(
-    {"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "sigmoid_norm", "simpo", "cpo"}
+    {"robust", "exo_pair", "aot", "aot_unpaired", "cdpo", "simpo", "cpo"}
 )
 REFERENCE_FREE_TYPES = frozenset({"simpo", "cpo", "orpo", "sft"})
 LENGTH_TYPES = frozenset({"ipo", "sigmoid_norm", "simpo", "cpo", "orpo", "sft"})
@@ -232,12 +255,23 @@ def _score_np(u, f_divergence, alpha):
     if f_divergence == "reverse_kl":
         return u
     if f_divergence == "forward_kl":
-        return -np.exp(-u)
+        return -np.expm1(-u)  # 1 - exp(-u)
     if f_divergence == "js_divergence":
-        return -_sp(-u)  # log sigma(u)
+        return math.log(2.0) - _sp(-u)  # log 2 + log sigma(u)
     if f_divergence == "alpha_divergence":
-        return -np.expm1(-alpha * u) / alpha  # (1 - exp(-alpha u)) / alpha
+        k = alpha - 1.0
+        if abs(k) < ALPHA_IDENTITY_TOL:
+            return u
+        return np.expm1(np.minimum(k * u, ALPHA_EXP_MAX)) / k
     raise AssertionError(f_divergence)  # pragma: no cover - test bug
+
+
+def _weights_np(pair_weights, n):
+    """(per-pair weights, the sft factor mean(w)); ones and 1 without weights."""
+    if pair_weights is None:
+        return np.ones(n), 1.0
+    w = np.asarray(pair_weights, dtype=np.float64)
+    return w, float(np.mean(w))
 
 
 def reference_family(
@@ -253,7 +287,7 @@ def reference_family(
     chosen_lengths=None,
     rejected_lengths=None,
     f_divergence: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
@@ -261,12 +295,15 @@ def reference_family(
     rpo_alpha: float | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float | None = None,
+    pair_weights=None,
+    sft_mean_length: float | None = None,
 ) -> dict:
     """Per-pair losses, per-component losses, rewards and metrics of the loss family (numpy f64).
 
-    ``components[name]`` is the unweighted (B,) loss of one component (``"rpo"``: ``-a_c``, the
-    term that ``rpo_alpha`` multiplies); ``losses = sum_k w_k components[k] + rpo_alpha * rpo``.
-    For ``aot``/``aot_unpaired`` entry k is the k-th pair in sorted order.
+    ``components[name]`` is the (B,) loss of one component times the pair weights, without its
+    loss weight (``"rpo"``: ``-a_c``, the term that ``rpo_alpha`` multiplies);
+    ``losses = sum_k w_k components[k] + rpo_alpha * rpo``. For ``aot``/``aot_unpaired`` entry k
+    is the k-th pair in sorted order.
     """
     types, weights = _types_and_weights(loss_type, loss_weights)
     pc, pr = (np.asarray(x, dtype=np.float64) for x in (pc, pr))
@@ -286,14 +323,17 @@ def reference_family(
 
     uc, ur = pc - rc, pr - rr
     xc, xr = beta * uc, beta * ur
+    pw, mean_w = _weights_np(pair_weights, pc.shape[0])
     delta_used = None
     components: dict[str, np.ndarray] = {}
     for t in types:
-        if t in ("sigmoid", "robust", "hinge", "exo_pair", "discopop"):
+        if t in ("sigmoid", "cdpo", "robust", "hinge", "exo_pair", "discopop"):
             z = beta * (score(uc) - score(ur))
         if t in ("ipo", "sigmoid_norm"):
-            dv = score(uc / lc) - score(ur / lr)
+            dv = score(uc) / lc - score(ur) / lr
         if t == "sigmoid":
+            loss = _sp(-z)
+        elif t == "cdpo":
             loss = smoothed(z)
         elif t == "robust":
             loss = ((1.0 - eps) * _sp(-z) - eps * _sp(z)) / (1.0 - 2.0 * eps)
@@ -309,10 +349,7 @@ def reference_family(
         elif t == "nca_pair":
             loss = _sp(-xc) + 0.5 * _sp(xc) + 0.5 * _sp(xr)
         elif t == "bco_pair":
-            if bco_delta is None:
-                delta_used = float(np.mean(np.concatenate([xc, xr])))
-            else:
-                delta_used = float(bco_delta)
+            delta_used = 0.0 if bco_delta is None else float(bco_delta)
             loss = _sp(-(xc - delta_used)) + _sp(xr - delta_used)
         elif t == "sppo_hard":
             loss = (uc - 1.0 / (2.0 * beta)) ** 2 + (ur + 1.0 / (2.0 * beta)) ** 2
@@ -331,7 +368,7 @@ def reference_family(
             m_c = _sig(-z / tau)  # 1 - m
             loss = m_c * _sp(-z) + np.exp(-z - _sp(-z / tau))
         elif t == "sigmoid_norm":
-            loss = smoothed(beta * dv)
+            loss = _sp(-beta * dv)
         elif t == "simpo":
             loss = smoothed(beta * (pc / lc - pr / lr) - simpo_gamma)
         elif t == "cpo":
@@ -344,13 +381,14 @@ def reference_family(
             ac, ar = pc / lc, pr / lr
             loss = -ac + orpo_alpha * _sp(-(log_odds(ac) - log_odds(ar)))
         elif t == "sft":
-            loss = -pc / lc
+            m = np.mean(lc) if sft_mean_length is None else sft_mean_length
+            loss = -pc / m
         else:  # pragma: no cover - test bug
             raise AssertionError(t)
-        components[t] = loss
+        components[t] = loss * (mean_w if t == "sft" else pw)
     losses = sum(w * components[t] for t, w in zip(types, weights, strict=True))
     if rpo_alpha is not None:
-        components["rpo"] = -pc / lc
+        components["rpo"] = -pc / lc * pw
         losses = losses + rpo_alpha * components["rpo"]
     cr, rj = xc, xr
     return {
@@ -375,15 +413,25 @@ def _sp_t(x: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(torch.zeros_like(x), x)
 
 
+def _em1_t(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) - 1 with accurate value and gradient: expm1 near 0 (where exp(x) - 1 cancels),
+    exp(x) - 1 elsewhere (where expm1's backward, result + 1, would cancel)."""
+    near = x.abs() < 0.5
+    return torch.where(near, torch.expm1(torch.where(near, x, 0.0)), torch.exp(x) - 1.0)
+
+
 def _score_t(u: torch.Tensor, f_divergence: str, alpha: float) -> torch.Tensor:
     if f_divergence == "reverse_kl":
         return u
     if f_divergence == "forward_kl":
-        return -torch.exp(-u)
+        return -_em1_t(-u)
     if f_divergence == "js_divergence":
-        return torch.nn.functional.logsigmoid(u)
+        return math.log(2.0) + torch.nn.functional.logsigmoid(u)
     if f_divergence == "alpha_divergence":
-        return (1.0 - torch.exp(-alpha * u)) / alpha
+        k = alpha - 1.0
+        if abs(k) < ALPHA_IDENTITY_TOL:
+            return u
+        return _em1_t(torch.clamp(k * u, max=ALPHA_EXP_MAX)) / k
     raise AssertionError(f_divergence)  # pragma: no cover - test bug
 
 
@@ -400,7 +448,7 @@ def reference_family_torch(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     f_divergence: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
@@ -408,11 +456,13 @@ def reference_family_torch(
     rpo_alpha: float | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float | None = None,
+    pair_weights: torch.Tensor | None = None,
+    sft_mean_length: float | None = None,
 ) -> torch.Tensor:
     """The family's (B,) per-pair losses as differentiable torch ops (use float64 leaves).
 
     Written separately from :func:`reference_family`, with torch's own primitives
-    (logsigmoid, sigmoid, sort(stable=True)); the bco delta is detached.
+    (logsigmoid, sigmoid, sort(stable=True)); the bco delta is a constant.
     """
     types, weights = _types_and_weights(loss_type, loss_weights)
     if reference_free or rc is None:
@@ -437,13 +487,16 @@ def reference_family_torch(
         return -(1.0 - eps) * nls(x) - eps * nls(-x)
 
     uc, ur = pc - rc, pr - rr
+    pw = torch.ones_like(pc) if pair_weights is None else pair_weights.to(pc.dtype).detach()
     total = torch.zeros_like(pc)
     for t, w in zip(types, weights, strict=True):
-        if t in ("sigmoid", "robust", "hinge", "exo_pair", "discopop"):
+        if t in ("sigmoid", "cdpo", "robust", "hinge", "exo_pair", "discopop"):
             z = beta * (score(uc) - score(ur))
         if t in ("ipo", "sigmoid_norm"):
-            dv = score(uc / lc) - score(ur / lr)
+            dv = score(uc) / lc - score(ur) / lr
         if t == "sigmoid":
+            loss = -nls(z)
+        elif t == "cdpo":
             loss = smoothed(z)
         elif t == "robust":
             loss = (-(1.0 - eps) * nls(z) + eps * nls(-z)) / (1.0 - 2.0 * eps)
@@ -459,10 +512,7 @@ def reference_family_torch(
             loss = -nls(xc) - 0.5 * nls(-xc) - 0.5 * nls(-xr)
         elif t == "bco_pair":
             xc, xr = beta * uc, beta * ur
-            if bco_delta is None:
-                delta = torch.cat([xc, xr]).mean().detach()
-            else:
-                delta = bco_delta
+            delta = 0.0 if bco_delta is None else bco_delta
             loss = -nls(xc - delta) - nls(-(xr - delta))
         elif t == "sppo_hard":
             loss = (uc - 0.5 / beta) ** 2 + (ur + 0.5 / beta) ** 2
@@ -483,7 +533,7 @@ def reference_family_torch(
             # m * exp(-z) = exp(-z + log m)
             loss = (1.0 - m) * (-nls(z)) + torch.exp(-z + nls(z / tau))
         elif t == "sigmoid_norm":
-            loss = smoothed(beta * dv)
+            loss = -nls(beta * dv)
         elif t == "simpo":
             loss = smoothed(beta * (pc / lc - pr / lr) - simpo_gamma)
         elif t == "cpo":
@@ -495,12 +545,14 @@ def reference_family_torch(
 
             loss = -pc / lc - orpo_alpha * nls(log_odds(pc / lc) - log_odds(pr / lr))
         elif t == "sft":
-            loss = -pc / lc
+            # per pair -pc / m: with m the mean chosen length, the mean over pairs is the NLL
+            # averaged over all chosen tokens of the batch
+            loss = -pc / (lc.mean() if sft_mean_length is None else sft_mean_length)
         else:  # pragma: no cover - test bug
             raise AssertionError(t)
-        total = total + w * loss
+        total = total + w * loss * (pw.mean() if t == "sft" else pw)
     if rpo_alpha is not None:
-        total = total - rpo_alpha * pc / lc
+        total = total - rpo_alpha * pw * pc / lc
     return total
 
 
@@ -513,6 +565,8 @@ def reference_family_grads(pc, pr, rc, rr, **kw) -> list[np.ndarray | None]:
     for key in ("chosen_lengths", "rejected_lengths"):
         if kw.get(key) is not None:
             kw[key] = torch.as_tensor(np.asarray(kw[key], dtype=np.int64))
+    if kw.get("pair_weights") is not None:
+        kw["pair_weights"] = torch.as_tensor(np.asarray(kw["pair_weights"], dtype=np.float64))
     leaves = [
         None if x is None else torch.tensor(np.asarray(x, dtype=np.float64), requires_grad=True)
         for x in (pc, pr, rc, rr)

@@ -52,7 +52,14 @@ def build_trainer() -> DPO:
     model = TinyCausalLM(config)
     ref = TinyCausalLM(config)
     ref.load_state_dict(model.state_dict())
-    return DPO(model, ref, beta=0.5, learning_rate=5e-3, loss_type=["sigmoid", "bco_pair"])
+    return DPO(
+        model,
+        ref,
+        beta=0.5,
+        learning_rate=5e-3,
+        loss_type=["sigmoid", "bco_pair"],
+        bco_running_mean=True,
+    )
 
 
 def run_training(output_dir: str, *, kill_at: int | None = None, **overrides) -> tuple:

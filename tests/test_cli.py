@@ -671,3 +671,65 @@ def test_train_config_covers_every_fit_option():
     assert fit - config <= {"output_dir"}  # output_dir is a run option
     kwargs = TrainConfig(model="m", data="d", output_dir="o").fit_kwargs()
     assert set(kwargs) == fit
+
+
+def test_report_to_flag_and_config_key(capsys, monkeypatch, tmp_path, base_config):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in base_config.items()]
+    assert load_train_config(None, base_config).fit_kwargs()["report_to"] is None
+    config = load_train_config(None, base_config | {"report_to": "wandb,mlflow"})
+    assert config.fit_kwargs()["report_to"] == ("wandb", "mlflow")
+    assert load_train_config(None, base_config | {"report_to": "none"}).report_to == "none"
+    file = toml(tmp_path / "run.toml", **base_config, report_to=["mlflow"])
+    config = load_train_config(file)
+    assert config.report_to == "mlflow"
+    again = tmp_path / "again.toml"
+    again.write_text(config.to_toml())
+    assert load_train_config(again) == config
+    code, out, _ = run(
+        capsys, "train", *flags, "--report-to", "wandb,tensorboard", "--print-config"
+    )
+    assert code == 0 and 'report_to = ["wandb", "tensorboard"]' in out
+    code, _, err = run(capsys, "train", *flags, "--report-to", "neptune")
+    assert_one_line_error(code, err, 2, "--report-to: expected a tracker")
+    file = toml(tmp_path / "bad.toml", **base_config, report_to="wandb,all")
+    code, _, err = run(capsys, "train", "--config", file)
+    assert_one_line_error(code, err, 2, "bad.toml: report_to: expected a tracker")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # a missing client fails before the model loads
+    code, _, err = run(capsys, "train", *flags, "--report-to", "wandb")
+    assert_one_line_error(code, err, 1, "report_to: 'wandb' needs the wandb package")
+    assert not Path(base_config["output_dir"]).exists()
+
+
+def test_trl_named_trainer_flags(capsys, base_config):
+    """disable_dropout, use_weighting, TR-DPO, router and BCO options reach DPO's keywords."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in base_config.items()]
+    defaults = load_train_config(None, base_config).dpo_kwargs()
+    assert defaults["disable_dropout"] is True and defaults["use_weighting"] is False
+    assert (defaults["ref_model_mixup_alpha"], defaults["ref_model_sync_steps"]) == (0.6, 512)
+    assert defaults["router_aux_loss_coef"] is None and defaults["bco_running_mean"] is False
+    code, out, _ = run(
+        capsys,
+        "train",
+        *flags,
+        "--no-disable-dropout",
+        "--use-weighting",
+        "--sync-ref-model",
+        "--ref-model-mixup-alpha=0.3",
+        "--ref-model-sync-steps=4",
+        "--router-aux-loss-coef=0.02",
+        "--bco-running-mean",
+        "--print-config",
+    )
+    assert code == 0
+    for line in (
+        "disable_dropout = false",
+        "use_weighting = true",
+        "sync_ref_model = true",
+        "ref_model_mixup_alpha = 0.3",
+        "ref_model_sync_steps = 4",
+        "router_aux_loss_coef = 0.02",
+        "bco_running_mean = true",
+    ):
+        assert line in out, line
+    code, _, err = run(capsys, "train", *flags, "--ref-model-mixup-alpha=0")
+    assert_one_line_error(code, err, 2, "--ref-model-mixup-alpha: expected a float in (0, 1]")

@@ -139,6 +139,15 @@ JOBS: dict[str, dict[str, Any]] = {
     # Truncation empties one rank's micro-batch in some rounds (see make_emptied_dataset).
     "emptied": {"mode": "emptied", "wrap": "ddp"},
     "fsdp_emptied": {"mode": "emptied", "wrap": "fsdp"},
+    # TR-DPO: the reference moves toward the policy every 3 steps, alike on every rank.
+    "sync": {"mode": "ddp", "trainer_kw": "sync"},
+    "fsdp_sync": {"mode": "fsdp", "trainer_kw": "sync"},
+    "fsdp_sync_sharded": {"mode": "fsdp", "trainer_kw": "sync", "shard_ref": True},
+}
+SYNC_KW: dict[str, Any] = {
+    "sync_ref_model": True,
+    "ref_model_sync_steps": 3,
+    "ref_model_mixup_alpha": 0.5,
 }
 # Pairs 1, 6 and 11 have 30-token prompts, which max_length 24 drops. The plan puts pairs 1 and
 # 11 in one micro-batch of rank 1 (rounds 0/1 and 1/2 of the epochs) while rank 0's keeps a pair;
@@ -279,7 +288,10 @@ def run_job(root: Path, name: str, rank: int, world: int) -> None:
         model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(policy)
     else:
         model = shard(policy)
-    trainer = DPO(model, ref, **TRAINER_KW)
+    if job.get("shard_ref"):
+        ref = shard(ref)
+    extra = SYNC_KW if job.get("trainer_kw") == "sync" else {}
+    trainer = DPO(model, ref, **TRAINER_KW, **extra)
     head_inputs: set[int] = set()
     policy.lm_head.register_forward_hook(lambda m, args, out: head_inputs.add(args[0].dim()))
     seen: list[dict[str, float]] = []
@@ -308,6 +320,7 @@ def run_job(root: Path, name: str, rank: int, world: int) -> None:
         pass
     state = {
         "params": full_params(policy),
+        "ref_params": full_params(ref),
         "metrics": seen,
         "steps": steps,
         "global_step": trainer.global_step,
@@ -369,11 +382,11 @@ def torchrun(root: Path, *jobs: str) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def reference_run(max_steps: int | None = None) -> dict[str, Any]:
+def reference_run(max_steps: int | None = None, **trainer_kw: Any) -> dict[str, Any]:
     """One process, one batch per step: the union of the ranks' batches of that round."""
     ds = make_dataset()
     policy, ref = make_models()
-    trainer = DPO(policy, ref, **TRAINER_KW)
+    trainer = DPO(policy, ref, **TRAINER_KW, **trainer_kw)
     plan_kw = dict(DATA_KW, batch_size=FIT_KW["batch_size"], seed=FIT_KW["seed"])
     plans = [
         [ds.batches(epoch=e, rank=r, world_size=WORLD, **plan_kw) for r in range(WORLD)]
@@ -404,7 +417,12 @@ def reference_run(max_steps: int | None = None) -> dict[str, Any]:
                 warnings.simplefilter("ignore")
                 scheduler.step()
         unions.append(epoch_union)
-    return {"params": full_params(policy), "metrics": metrics, "unions": unions}
+    return {
+        "params": full_params(policy),
+        "ref_params": full_params(ref),
+        "metrics": metrics,
+        "unions": unions,
+    }
 
 
 def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -434,7 +452,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     root = tmp_path_factory.mktemp("dist")
     make_dataset().save(root / "store")
     jobs = ("full", "interrupted", "fsdp", "fsdp_interrupted", "fsdp_reference")
-    jobs += ("emptied", "fsdp_emptied")
+    jobs += ("emptied", "fsdp_emptied", "sync", "fsdp_sync", "fsdp_sync_sharded")
     return root, torchrun(root, *jobs)
 
 
@@ -452,6 +470,21 @@ def resumed(launch) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("job", ["sync", "fsdp_sync", "fsdp_sync_sharded"])
+def test_trdpo_moves_every_ranks_reference_like_one_process(launch, job):
+    """TR-DPO under DDP and FSDP2 (reference plain or sharded) equals one process's run."""
+    want = reference_run(**SYNC_KW)
+    policy, ref = make_models()
+    initial = full_params(ref)
+    assert any(not torch.equal(want["ref_params"][k], v) for k, v in initial.items())
+    for r, state in enumerate(launch[1][job]):
+        assert state["global_step"] == STEPS, r
+        assert_params_close(state["params"], want["params"])
+        assert_params_close(state["ref_params"], want["ref_params"])
+        for m, w in zip(state["metrics"], want["metrics"], strict=True):
+            assert_metrics_match(m, w, (r, m["step"]))
+
+
 def test_union_batches_partition_each_epoch(reference):
     for epoch_union in reference["unions"]:
         seen = np.sort(np.concatenate(epoch_union))

@@ -78,8 +78,12 @@ def assert_params_close(a, b, atol=1e-6):
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("micro", [(4, 2), (3, 3)])
-def test_accumulation_equals_one_union_batch(layout, micro):
-    """k micro-batches of unequal pair counts give the update of one batch of their union."""
+@pytest.mark.parametrize(
+    "loss", [{}, {"loss_type": "sft"}, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.5]}]
+)
+def test_accumulation_equals_one_union_batch(layout, micro, loss):
+    """k micro-batches of unequal pair counts give the update of one batch of their union
+    (``sft``, a token mean, included: each micro-batch counts by its share of chosen tokens)."""
     ds = make_dataset(7)
     micro_size, k = micro
     sizes = [len(b) for b in ds.batches(batch_size=micro_size, seed=0, epoch=0, layout=layout)]
@@ -95,6 +99,7 @@ def test_accumulation_equals_one_union_batch(layout, micro):
             beta=0.5,
             max_grad_norm=None,
             optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+            **loss,
         )
         seen = []
         result = trainer.fit(

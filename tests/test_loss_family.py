@@ -13,6 +13,7 @@ times the largest slope over the error interval (plus ``u`` absolute for sigmoid
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -21,6 +22,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import (
+    ALPHA_EXP_MAX,
+    ALPHA_IDENTITY_TOL,
+    F_DIVERGENCE_TYPES,
     F_DIVERGENCE_USERS,
     F_DIVERGENCES,
     FAMILY_TYPES,
@@ -40,14 +44,15 @@ UNIT_ROUNDOFF = {np.float32: 2.0**-24, np.float64: 2.0**-53}
 SLACK = 16.0
 TORCH_DTYPES = {np.float32: torch.float32, np.float64: torch.float64}
 NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
-# |u| and |alpha * u| bound for the exp-based f-divergences: exp stays far from overflow, and so
-# does the square in ipo ((e^40 / 0.05)^2 ~ 2e37 < 3.4e38 in float32)
+# |u| and |(alpha - 1) u| bound for the exp-based f-divergences: exp stays far from overflow, and
+# so does the square in ipo ((e^40 / 0.05)^2 ~ 2e37 < 3.4e38 in float32). In float64 the alpha
+# exponent goes past TRL's clamp at 80.
 EXP_RANGE = {np.float32: 40.0, np.float64: 300.0}
 OPTION_DEFAULTS = dict(
     loss_weights=None,
     label_smoothing=0.0,
     f_divergence="reverse_kl",
-    f_alpha_divergence_coef=1.0,
+    f_alpha_divergence_coef=0.5,
     reference_free=False,
     simpo_gamma=0.5,
     cpo_alpha=1.0,
@@ -55,6 +60,8 @@ OPTION_DEFAULTS = dict(
     rpo_alpha=None,
     discopop_tau=0.05,
     bco_delta=None,
+    pair_weights=None,
+    sft_mean_length=None,
 )
 
 
@@ -135,6 +142,12 @@ EXP_FLOOR = [0.0]
 def ev_exp(a: EV) -> EV:
     v = np.exp(a.v)
     return a._new(v, np.exp(a.v + a.e) * a.e + EXP_FLOOR[0])  # slope bound exp(x + e)
+
+
+def ev_expm1(a: EV) -> EV:
+    """``exp(x) - 1`` computed as expm1 (accurate near 0)."""
+    v = np.expm1(a.v)
+    return a._new(v, np.exp(a.v + a.e) * a.e + EXP_FLOOR[0])
 
 
 def ev_log(a: EV) -> EV:
@@ -220,20 +233,28 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
     xc, xr = B * uc, B * ur
 
     fdiv = o["f_divergence"]
+    amb = {k: np.zeros(n, dtype=bool) for k in ("pc", "pr", "rc", "rr")}
 
     def score(x: EV) -> tuple[EV, EV]:
-        """(s(x), s'(x))"""
-        if fdiv == "reverse_kl":
+        """(s(x), s'(x)) as TRL 1.16 defines them"""
+        k = o["f_alpha_divergence_coef"] - 1.0
+        if fdiv == "reverse_kl" or (fdiv == "alpha_divergence" and abs(k) < ALPHA_IDENTITY_TOL):
             return x, exact(np.ones_like(x.v))
         if fdiv == "forward_kl":
-            ex = ev_exp(-x)
-            return -ex, ex
+            return -ev_expm1(-x), ev_exp(-x)
         if fdiv == "js_divergence":
-            return -ev_softplus(-x), ev_sigmoid(-x)
+            return ev_param(math.log(2.0), u) - ev_softplus(-x), ev_sigmoid(-x)
         if fdiv == "alpha_divergence":
-            A = ev_param(o["f_alpha_divergence_coef"], u)
-            ex = ev_exp(-(A * x))
-            return (1.0 - ex) / A, ex
+            K = ev_param(k, u)
+            t = K * x
+            inside = t.v <= ALPHA_EXP_MAX
+            # the clamp: constant beyond 80, so the gradient jumps from e^80 to 0 there
+            near = np.abs(t.v - ALPHA_EXP_MAX) <= t.e + u * ALPHA_EXP_MAX
+            for key in amb:
+                amb[key] |= near
+            tc = EV(np.minimum(t.v, ALPHA_EXP_MAX), t.e, u)
+            ds = ev_exp(tc)
+            return ev_expm1(tc) / K, EV(np.where(inside, ds.v, 0.0), ds.e, u)
         raise AssertionError(fdiv)
 
     def H(x):
@@ -242,19 +263,34 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
     def dH(x):
         return E * ev_sigmoid(x) - (1.0 - E) * ev_sigmoid(-x)
 
-    amb = {k: np.zeros(n, dtype=bool) for k in ("pc", "pr", "rc", "rr")}
+    # sigmoid and sigmoid_norm ignore label_smoothing (TRL 1.16): H and dH with eps = 0
+    def H0(x):
+        return ev_softplus(-x)
+
+    def dH0(x):
+        return -ev_sigmoid(-x)
+
     comps, dcs, drs, drcs, drrs = {}, {}, {}, {}, {}
     d_refs = {}  # only aot's ref derivatives are not the negatives of the policy ones
     delta = None
+    W = MW = None  # the pair weights (exact inputs) and their mean (rounded once)
+    if o["pair_weights"] is not None:
+        w = np.asarray(o["pair_weights"], np.float64)
+        W, MW = exact(w), ev_param(float(w.mean()), u)
     for t in types:
         if t in F_DIVERGENCE_USERS and t not in ("ipo", "sigmoid_norm"):
             (sc, dsc), (sr, dsr) = score(uc), score(ur)
             z = B * (sc - sr)
             dzc, dzr = B * dsc, -(B * dsr)
         if t in ("ipo", "sigmoid_norm"):
-            (svc, dsvc), (svr, dsvr) = score(uc / lc), score(ur / lr)
+            # the scores of u divided by the lengths; the chain factors s'(u) / len
+            (svc, dsvc), (svr, dsvr) = score(uc), score(ur)
+            svc, svr = svc / lc, svr / lr
             dv = svc - svr
         if t == "sigmoid":
+            loss, g = H0(z), dH0(z)
+            dc, dr = g * dzc, g * dzr
+        elif t == "cdpo":
             loss, g = H(z), dH(z)
             dc, dr = g * dzc, g * dzr
         elif t == "robust":
@@ -286,12 +322,8 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
             dc = B * (0.5 * ev_sigmoid(xc) - ev_sigmoid(-xc))
             dr = B * (0.5 * ev_sigmoid(xr))
         elif t == "bco_pair":
-            if o["bco_delta"] is None:
-                x = np.concatenate([xc.v, xr.v])
-                ex = np.concatenate([xc.e, xr.e])
-                delta = EV(x.mean(), ex.mean() + u * (abs(x.mean()) + np.abs(x).mean()), u)
-            else:
-                delta = ev_param(o["bco_delta"], u)
+            # no shift by default (TRL 1.16)
+            delta = ev_param(0.0 if o["bco_delta"] is None else o["bco_delta"], u)
             loss = ev_softplus(-(xc - delta)) + ev_softplus(xr - delta)
             dc = -(B * ev_sigmoid(-(xc - delta)))
             dr = B * ev_sigmoid(xr - delta)
@@ -350,8 +382,8 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
             dc, dr = g * dzc, g * dzr
         elif t == "sigmoid_norm":
             zn = B * dv
-            loss = H(zn)
-            g = B * dH(zn)
+            loss = H0(zn)
+            g = B * dH0(zn)
             dc, dr = g * dsvc / lc, -(g * dsvr / lr)
         elif t == "simpo":
             zs = B * (ac - ar) - ev_param(o["simpo_gamma"], u)
@@ -374,10 +406,15 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
             dc = -(1.0 / exact(lc)) - s / om_c / lc
             dr = s / om_r / lr
         elif t == "sft":
-            loss = -ac
-            dc, dr = -(1.0 / exact(lc)), zero
+            m = lc.mean() if o["sft_mean_length"] is None else o["sft_mean_length"]
+            M = ev_param(m, u)
+            loss = -(exact(pc) / M)
+            dc, dr = -(1.0 / M), zero
         else:  # pragma: no cover - test bug
             raise AssertionError(t)
+        if W is not None:
+            f = MW if t == "sft" else W
+            loss, dc, dr = loss * f, dc * f, dr * f
         comps[t], dcs[t], drs[t] = loss, dc, dr
         if t in d_refs:
             drcs[t], drrs[t] = d_refs[t]
@@ -397,9 +434,12 @@ def error_model(pc, pr, rc, rr, *, u, beta, loss_type, **options) -> dict:
     drc, drr = combine(drcs), combine(drrs)  # the rpo term below does not involve the refs
     if o["rpo_alpha"] is not None:
         RA = ev_param(o["rpo_alpha"], u)
-        comps["rpo"] = -ac
-        losses = losses + RA * (-ac)
-        dpc = dpc - RA / lc
+        rpo, drpo = -ac, -(1.0 / exact(lc))
+        if W is not None:
+            rpo, drpo = rpo * W, drpo * W
+        comps["rpo"] = rpo
+        losses = losses + RA * rpo
+        dpc = dpc + RA * drpo
     return dict(
         losses=losses,
         dpc=dpc,
@@ -428,7 +468,7 @@ def model_for(case, u=None) -> dict:
 
 
 def _valid_fdivs(types) -> tuple[str, ...]:
-    return F_DIVERGENCES if all(t in F_DIVERGENCE_USERS for t in types) else ("reverse_kl",)
+    return F_DIVERGENCES if all(t in F_DIVERGENCE_TYPES for t in types) else ("reverse_kl",)
 
 
 @st.composite
@@ -453,7 +493,12 @@ def family_cases(
         eps = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.49)))
     else:
         eps = 0.0
-    alpha = 10.0 ** draw(st.floats(-1.3, 1.0)) if f_divergence == "alpha_divergence" else 1.0
+    alpha = 0.5
+    if f_divergence == "alpha_divergence":
+        # log-uniform over [0.05, 10], the default 0.5, values near the reverse-KL limit 1, and
+        # alpha <= 0 (0: the forward-KL score)
+        near_one = st.sampled_from([1.0, 1.0 + 5e-7, 1.0 - 9e-7, 1.0 + 3e-3, 0.5, 0.0, -0.5])
+        alpha = draw(st.one_of(st.floats(-1.3, 1.0).map(lambda x: 10.0**x), near_one))
     sorting = any(t in SORTING_TYPES for t in types)
     rpo_alpha = None if sorting else draw(st.one_of(st.none(), st.floats(0.0, 2.0)))
     needs_lengths = rpo_alpha is not None or any(t in LENGTH_TYPES for t in types)
@@ -476,6 +521,10 @@ def family_cases(
         discopop_tau=10.0 ** draw(st.floats(-2.0, 0.0)),
         bco_delta=draw(st.one_of(st.none(), st.floats(-5.0, 5.0))),
     )
+    if not sorting and draw(st.booleans()):
+        kw["pair_weights"] = draw(st.sampled_from(["uniform", "zeros", "ones"]))
+    if "sft" in types and draw(st.booleans()):
+        kw["sft_mean_length"] = draw(st.floats(0.5, 600.0))
     if not isinstance(loss_type, str):
         kw["loss_weights"] = draw(
             st.one_of(
@@ -488,14 +537,24 @@ def family_cases(
     lc = rng.integers(1, max_len + 1, batch)
     lr = rng.integers(1, max_len + 1, batch)
 
+    if "pair_weights" in kw:
+        # (B,) weights in the dtype: uniform in [0, 3] with some exact zeros and ones, or all 0
+        # or all 1
+        w = rng.uniform(0.0, 3.0, batch)
+        w[rng.random(batch) < 0.1] = 0.0
+        w[rng.random(batch) < 0.1] = 1.0
+        w = {"uniform": w, "zeros": np.zeros(batch), "ones": np.ones(batch)}[kw["pair_weights"]]
+        kw["pair_weights"] = np.asarray(w, dtype)
+
     # the log-ratios u_c, u_r
     ref_free = ref_mode != "refs"
+    k = 1.0 if f_divergence == "forward_kl" else abs(alpha - 1.0)
     if f_divergence in ("forward_kl", "alpha_divergence"):
-        lim = EXP_RANGE[dtype] / max(alpha, 1.0)
-        if "discopop" in types:
-            # keep |z| <= 1e4 (|s(u)| <= expm1(alpha |u|) / alpha): beyond that the error
-            # model's bound on m e^{-z} = exp(-z - softplus(-z / tau)) is no longer useful
-            lim = min(lim, math.log1p(1e4 * alpha / (2.0 * beta)) / alpha)
+        lim = EXP_RANGE[dtype] / max(k, 1.0)
+        if "discopop" in types and k > 0:
+            # keep |z| <= 1e4 (|s(u)| <= expm1(|alpha - 1| |u|) / |alpha - 1|): beyond that the
+            # error model's bound on m e^{-z} = exp(-z - softplus(-z / tau)) is no longer useful
+            lim = min(lim, math.log1p(1e4 * k / (2.0 * beta)) / k)
         mag = 10.0 ** rng.uniform(-3.0, math.log10(lim), (2, batch))
         uc, ur = np.where(rng.random((2, batch)) < 0.5, -mag, mag)
         close = rng.random(batch) < 0.3
@@ -578,6 +637,10 @@ def _small_case(loss_type, f_divergence, seed, batch=7):
         kw["label_smoothing"] = float(rng.uniform(0.01, 0.45))
     if not any(t in SORTING_TYPES for t in types):
         kw["rpo_alpha"] = float(rng.uniform(0.0, 1.0))
+        if seed % 2:
+            kw["pair_weights"] = rng.uniform(0.0, 2.0, batch)
+    if "sft" in types and seed % 3 == 2:
+        kw["sft_mean_length"] = float(rng.uniform(1.0, 5.0))
     return dict(dtype=np.float64, arrays=[pc, pr, rc, rr], kw=kw, types=types)
 
 
@@ -587,9 +650,7 @@ def test_reference_numpy_torch_and_model_agree(loss_type, f_divergence):
         case = _small_case(loss_type, f_divergence, seed)
         ref, grads = run_reference(case)
         leaves = [torch.tensor(a) for a in case["arrays"]]
-        kw = dict(case["kw"])
-        kw["chosen_lengths"] = torch.tensor(kw["chosen_lengths"])
-        kw["rejected_lengths"] = torch.tensor(kw["rejected_lengths"])
+        kw = _torch_kw(case["kw"])
         t_losses = reference_family_torch(*leaves, **kw).numpy()
         np.testing.assert_allclose(t_losses, ref["losses"], rtol=1e-12, atol=1e-13)
         model = model_for(case, u=0.0)
@@ -612,8 +673,7 @@ def test_reference_grads_match_finite_differences(loss_type, f_divergence):
     case = _small_case(loss_type, f_divergence, seed=11, batch=5)
     kw = dict(case["kw"])
     if loss_type == "bco_pair":
-        # the batch-mean delta is a constant for the gradient: hold it fixed here
-        kw["bco_delta"] = reference_family(*case["arrays"], **kw)["bco_delta"]
+        kw["bco_delta"] = 0.3  # a shift, so that it is exercised (the default is 0)
     grads = reference_family_grads(*case["arrays"], **kw)
     for j in range(4):
         for i in range(5):
@@ -813,6 +873,8 @@ def _torch_kw(kw: dict) -> dict:
     for key in ("chosen_lengths", "rejected_lengths"):
         if kw.get(key) is not None:
             kw[key] = torch.as_tensor(np.asarray(kw[key], dtype=np.int64))
+    if isinstance(kw.get("pair_weights"), np.ndarray):
+        kw["pair_weights"] = torch.from_numpy(kw["pair_weights"].copy())
     return kw
 
 
@@ -985,7 +1047,9 @@ def test_rpo_adds_rpo_alpha_times_the_chosen_nll(data, rpo_alpha):
     ma, mb = model_for(case_with), model_for(case_without)
     pc = case["arrays"][0].astype(np.float64)
     lc = np.asarray(with_kw["chosen_lengths"], np.float64)
-    nll = -pc / lc
+    w = with_kw.get("pair_weights")
+    w = np.ones(n) if w is None else np.asarray(w, np.float64)
+    nll = -pc / lc * w  # the rpo term is weighted per pair like every other term
     assert_within(
         "losses",
         a.losses.astype(np.float64) - b.losses,
@@ -995,7 +1059,7 @@ def test_rpo_adds_rpo_alpha_times_the_chosen_nll(data, rpo_alpha):
     assert_within(
         "grad_chosen",
         a.grad_chosen.astype(np.float64) - b.grad_chosen,
-        -rpo_alpha / lc / n,
+        -rpo_alpha * w / lc / n,
         (ma["dpc"].e + mb["dpc"].e) / n + floor,
         ma["ambiguous"]["pc"],
     )
@@ -1097,11 +1161,14 @@ BCO2 = ([-1.0, -2.0], [-4.0, -3.0], [-3.0, -2.0], [-3.0, -1.0])
 # two pairs for aot: p = pi_c - pi_r = (3, 1), q = ref_c - ref_r = (0, 0.5),
 # u_c = (2, -0.5), u_r = (-1, -1) (a tie: the stable sort keeps pair 0 first)
 AOT2 = ([-1.0, -2.0], [-4.0, -3.0], [-3.0, -1.5], [-3.0, -2.0])
+# two pairs for sft: pi_c = (-2, -9) over (1, 3) chosen tokens (the references are ignored)
+SFT2 = ([-2.0, -9.0], [-1.0, -1.0], [-3.0, -3.0], [-3.0, -3.0])
+SFT2_LENGTHS = dict(chosen_lengths=[1, 3], rejected_lengths=[5, 5])
 
 GOLDEN = {
     # sp(-z) = sp(-1.5); d/dpi_c = -beta s(-z) = -0.5 * 0.18242552380635635
     "sigmoid": (STD, {}, [0.2014132779827524], [-0.09121276190317817], [0.09121276190317817]),
-    # s(u) = -e^-u: Delta = -e^-2 + e^1 = 2.5829465452224323, z = 1.2914732726112161;
+    # s(u) = 1 - e^-u: Delta = -e^-2 + e^1 = 2.5829465452224323, z = 1.2914732726112161;
     # loss sp(-z); d/dpi_c = -beta s(-z) e^-2, d/dpi_r = +beta s(-z) e^1
     "sigmoid-forward_kl": (
         STD,
@@ -1110,8 +1177,8 @@ GOLDEN = {
         [-0.014589383654298134],
         [0.29303560407495577],
     ),
-    # s(u) = log s(u): Delta = -sp(-2) + sp(1) = 1.1863336764752503, z = 0.5931668382376252;
-    # d/dpi_c = -beta s(-z) s(-2), d/dpi_r = +beta s(-z) s(1)
+    # s(u) = log 2 + log s(u): Delta = -sp(-2) + sp(1) = 1.1863336764752503 (log 2 cancels),
+    # z = 0.5931668382376252; d/dpi_c = -beta s(-z) s(-2), d/dpi_r = +beta s(-z) s(1)
     "sigmoid-js_divergence": (
         STD,
         dict(loss_type="sigmoid", f_divergence="js_divergence"),
@@ -1119,15 +1186,75 @@ GOLDEN = {
         [-0.02121267045525087],
         [0.13009500479430378],
     ),
-    # alpha = 0.5: s(u) = 2 (1 - e^{-u/2}): s(2) = 1.2642411176571153, s(-1) = -1.2974425414002564,
-    # z = 0.5 * 2.5616836590573717 = 1.2808418295286859; d/dpi_c = -beta s(-z) e^-1,
-    # d/dpi_r = +beta s(-z) e^0.5
+    # alpha = 0.5: s(u) = (e^{(alpha-1) u} - 1) / (alpha - 1) = 2 (1 - e^{-u/2}):
+    # s(2) = 1.2642411176571153, s(-1) = -1.2974425414002564, z = 0.5 * 2.5616836590573717
+    # = 1.2808418295286859; d/dpi_c = -beta s(-z) e^-1, d/dpi_r = +beta s(-z) e^0.5
     "sigmoid-alpha_divergence": (
         STD,
         dict(loss_type="sigmoid", f_divergence="alpha_divergence", f_alpha_divergence_coef=0.5),
         [0.24514246221702482],
         [-0.039989775409502666],
         [0.179221739378042],
+    ),
+    # the same with the coefficient left at its default, 0.5
+    "sigmoid-alpha_divergence-default": (
+        STD,
+        dict(loss_type="sigmoid", f_divergence="alpha_divergence"),
+        [0.24514246221702482],
+        [-0.039989775409502666],
+        [0.179221739378042],
+    ),
+    # alpha = 0.3: s(u) = (e^{-0.7 u} - 1) / -0.7: s(2) = 1.0762900515119907,
+    # s(-1) = -1.4482181535292522, z = 0.5 * 2.524508205041243 = 1.2622541025206215;
+    # loss sp(-z); d/dpi_c = -beta s(-z) e^{-1.4}, d/dpi_r = +beta s(-z) e^{0.7}
+    "sigmoid-alpha_divergence-0.3": (
+        STD,
+        dict(loss_type="sigmoid", f_divergence="alpha_divergence", f_alpha_divergence_coef=0.3),
+        [0.24921305853334856],
+        [-0.027197931901228453],
+        [0.22210293317587566],
+    ),
+    # |alpha - 1| < 1e-6: the reverse-KL score, so exactly the sigmoid values
+    "sigmoid-alpha_divergence-near-1": (
+        STD,
+        dict(
+            loss_type="sigmoid",
+            f_divergence="alpha_divergence",
+            f_alpha_divergence_coef=1.0 + 5e-8,
+        ),
+        [0.2014132779827524],
+        [-0.09121276190317817],
+        [0.09121276190317817],
+    ),
+    # alpha = 2 (s(u) = e^u - 1), u_c = 0.5, u_r = 85 beyond the clamp at 80: s(u_r) = e^80 - 1,
+    # z = 0.5 (e^0.5 - e^80) = -2.770311192196755e34, loss sp(-z) = -z (finite);
+    # d/dpi_c = -beta s(-z) e^0.5 = -0.5 e^0.5, d/dpi_r = 0 (no gradient beyond the clamp)
+    "sigmoid-alpha_divergence-clamp": (
+        ([-1.0], [-15.0], [-1.5], [-100.0]),
+        dict(loss_type="sigmoid", f_divergence="alpha_divergence", f_alpha_divergence_coef=2.0),
+        [2.770311192196755e34],
+        [-0.8243606353500641],
+        [0.0],
+    ),
+    # forward KL divides the SCORE by the length: Dn = (1 - e^-2) / 2 - (1 - e) / 4
+    # = 0.861902815496455, target 1/(2 beta) = 1: (Dn - 1)^2;
+    # d/dpi_c = 2 (Dn - 1) e^-2 / 2, d/dpi_r = -2 (Dn - 1) e^1 / 4
+    "ipo-forward_kl": (
+        STD,
+        dict(loss_type="ipo", f_divergence="forward_kl", **STD_LENGTHS),
+        [0.01907083236780616],
+        [-0.018689421578966029],
+        [0.18769353359867127],
+    ),
+    # Jensen-Shannon, divided by the lengths: Dn = (log 2 - sp(-2)) / 2 - (log 2 - sp(1)) / 4
+    # = 0.43813821149805579 (log 2 does NOT cancel), zn = beta Dn: sp(-zn);
+    # d/dpi_c = -beta s(-zn) s(-2) / 2, d/dpi_r = beta s(-zn) s(1) / 4
+    "sigmoid_norm-js_divergence": (
+        STD,
+        dict(loss_type="sigmoid_norm", f_divergence="js_divergence", **STD_LENGTHS),
+        [0.5895995794250144],
+        [-0.01327475646595009],
+        [0.04070632006762509],
     ),
     # eps = 0.1: (0.9 sp(-1.5) - 0.1 sp(1.5)) / 0.8, sp(1.5) = 1.5 + sp(-1.5)
     #   = (0.18127195018447716 - 0.17014132779827524) / 0.8 = 0.013913277982752388;
@@ -1156,12 +1283,23 @@ GOLDEN = {
     # sp(-1) + sp(1) / 2 + sp(-0.5) / 2 = 1.2069310233673876;
     # d/dpi_c = beta (-s(-1) + s(1) / 2), d/dpi_r = beta s(-0.5) / 2
     "nca_pair": (STD, {}, [1.2069310233673876], [0.04829393397250367], [0.09438516719953635]),
-    # rewards (1, 0) chosen, (-0.5, -1) rejected: delta = mean(1, 0, -0.5, -1) = -0.125;
-    # pair 0: sp(-1.125) + sp(-0.375) = 0.8042734003881548, pair 1: sp(-0.125) + sp(-0.875)
-    # = 0.9810436163222248; d mean/dpi_c = -beta s(-(x_c - delta)) / 2, /dpi_r = beta s(x_r - delta) / 2
+    # rewards (1, 0) chosen, (-0.5, -1) rejected, no shift (TRL 1.16): pair 0: sp(-1) + sp(-0.5)
+    # = 0.7873386716983295, pair 1: sp(0) + sp(-1) = 1.0064088680781681;
+    # d mean/dpi_c = -beta s(-x_c) / 2, d mean/dpi_r = beta s(x_r) / 2
     "bco_pair": (
         BCO2,
         {},
+        [0.7873386716983295, 1.0064088680781681],
+        [-0.06723535534249878, -0.125],
+        [0.09438516719953636, 0.06723535534249878],
+    ),
+    # bco_delta = -0.125 (here the batch mean of the rewards, as the BCO paper's running mean
+    # would be): pair 0: sp(-1.125) + sp(-0.375) = 0.8042734003881548, pair 1: sp(-0.125)
+    # + sp(-0.875) = 0.9810436163222248; d mean/dpi_c = -beta s(-(x_c - delta)) / 2,
+    # d mean/dpi_r = beta s(x_r - delta) / 2
+    "bco_pair-delta": (
+        BCO2,
+        dict(loss_type="bco_pair", bco_delta=-0.125),
         [0.8042734003881548, 0.9810436163222248],
         [-0.06127125328309293, -0.11719765665656094],
         [0.10183335001148257, 0.07355374304074719],
@@ -1217,6 +1355,23 @@ GOLDEN = {
         [-0.40878723809439155],
         [0.40878723809439155],
     ),
+    # eps = 0.1: 0.9 sp(-1.5) + 0.1 sp(1.5), sp(1.5) = 1.5 + sp(-1.5): sp(-1.5) + 0.15
+    # = 0.3514132779827524; d/dz = 0.1 s(z) - 0.9 s(-z) = 0.1 - s(-z); d/dpi_c = beta * that
+    "cdpo": (
+        STD,
+        dict(label_smoothing=0.1),
+        [0.3514132779827524],
+        [-0.04121276190317817],
+        [0.04121276190317817],
+    ),
+    # eps = 0 is plain DPO
+    "cdpo-eps0": (
+        STD,
+        dict(loss_type="cdpo"),
+        [0.2014132779827524],
+        [-0.09121276190317817],
+        [0.09121276190317817],
+    ),
     # zn = beta Dv = 0.625: sp(-0.625); d/dpi_c = -beta s(-0.625) / 2, d/dpi_r = beta s(-0.625) / 4
     "sigmoid_norm": (
         STD,
@@ -1242,6 +1397,41 @@ GOLDEN = {
     "orpo": (STD, STD_LENGTHS, [0.5320299785237537], [-0.5348271886776532], [0.010839254285966408]),
     # -a_c = 0.5; d/dpi_c = -1/2
     "sft": (STD, STD_LENGTHS, [0.5], [-0.5], [0.0]),
+    # the batch token mean: pi_c = (-2, -9) over 1 and 3 tokens: (2 + 9) / 4 = 2.75; per pair
+    # -pi_c / m with m = (1 + 3) / 2: (1, 4.5); d mean/dpi_c = -1 / m / B = -0.25
+    "sft-batch-mean": (
+        SFT2,
+        dict(loss_type="sft", **SFT2_LENGTHS),
+        [1.0, 4.5],
+        [-0.25, -0.25],
+        [0.0, 0.0],
+    ),
+    # sft_mean_length = 4 (a gradient-accumulation step's mean chosen length): -pi_c / 4
+    "sft-mean-length": (
+        SFT2,
+        dict(loss_type="sft", sft_mean_length=4.0, **SFT2_LENGTHS),
+        [0.5, 2.25],
+        [-0.125, -0.125],
+        [0.0, 0.0],
+    ),
+    # pair weights (2, 0.5): sft is one batch value, so it is multiplied by mean(w) = 1.25:
+    # (1.25, 5.625); d mean/dpi_c = -1.25 / 2 / 2
+    "sft-pair_weights": (
+        SFT2,
+        dict(loss_type="sft", pair_weights=[2.0, 0.5], **SFT2_LENGTHS),
+        [1.25, 5.625],
+        [-0.3125, -0.3125],
+        [0.0, 0.0],
+    ),
+    # pair weights (2, 0.5) on sigmoid, z = (1.5, 1): (2 sp(-1.5), 0.5 sp(-1));
+    # d mean/dpi_c = -w beta s(-z) / 2
+    "sigmoid-pair_weights": (
+        BCO2,
+        dict(loss_type="sigmoid", pair_weights=[2.0, 0.5]),
+        [0.4028265559655048, 0.15663084375911142],
+        [-0.09121276190317817, -0.03361767767124939],
+        [0.09121276190317817, 0.03361767767124939],
+    ),
     # sigmoid + rpo_alpha 0.5: sp(-1.5) + 0.5 * 0.5; d/dpi_c = -beta s(-1.5) - 0.5 / 2
     "sigmoid-rpo": (
         STD,
@@ -1250,15 +1440,30 @@ GOLDEN = {
         [-0.3412127619031782],
         [0.09121276190317817],
     ),
-    # 0.8 sp(-1.5) + 0.2 bco + 1.0 * 0.5 with B = 1: delta = (1 - 0.5) / 2 = 0.25, bco = sp(-0.75)
-    # + sp(-0.75) = 2 * 0.38687100611489994; d/dpi_c = 0.8 (-beta s(-1.5)) + 0.2 (-beta s(-0.75))
-    # - 0.5, d/dpi_r = 0.8 beta s(-1.5) + 0.2 beta s(-0.75)
+    # 0.8 sp(-1.5) + 0.2 bco + 1.0 * 0.5 with B = 1, no bco shift: bco = sp(-1) + sp(-0.5);
+    # d/dpi_c = 0.8 (-beta s(-1.5)) + 0.2 (-beta s(-1)) - 0.5,
+    # d/dpi_r = 0.8 beta s(-1.5) + 0.2 beta s(-0.5)
     "multi": (
         STD,
         dict(loss_type=MULTI, loss_weights=MULTI_WEIGHTS, **STD_LENGTHS),
-        [0.8158790248321619],
-        [-0.6050523396050033],
-        [0.10505233960500325],
+        [0.8185983567258678],
+        [-0.5998643516595421],
+        [0.11072427640235708],
+    ),
+    # MPO with pair weights w = (2, 0.5) on BCO2, chosen lengths (2, 3): no bco shift, m = 2.5,
+    # mean(w) = 1.25; per pair 0.8 w sp(-z) + 0.2 w bco + 1.25 (-pi_c / 2.5), z = (1.5, 1)
+    "multi-pair_weights": (
+        BCO2,
+        dict(
+            loss_type=MULTI,
+            loss_weights=MULTI_WEIGHTS,
+            pair_weights=[2.0, 0.5],
+            chosen_lengths=[2, 3],
+            rejected_lengths=[4, 4],
+        ),
+        [1.1371967134517357, 1.2259455618151059],
+        [-0.34986435165954205, -0.2893941421369995],
+        [0.11072427640235708, 0.03361767767124939],
     ),
 }
 
@@ -1267,6 +1472,8 @@ def _golden_call(name):
     arrays, kw, losses, gc, gr, *ref_grads = GOLDEN[name]
     kw = {"beta": 0.5, "loss_type": name, **kw}
     kw = {k: (np.asarray(v) if k.endswith("_lengths") else v) for k, v in kw.items()}
+    if "pair_weights" in kw:
+        kw["pair_weights"] = np.asarray(kw["pair_weights"], np.float64)
     return [np.asarray(a, np.float64) for a in arrays], kw, losses, gc, gr, ref_grads
 
 
@@ -1287,10 +1494,12 @@ def test_golden_kernel(name):
     np.testing.assert_array_equal(out.rejected_rewards, kw["beta"] * (pr - rr))
     if isinstance(kw["loss_type"], str) and kw.get("rpo_alpha") is None:
         assert out.component_losses == {kw["loss_type"]: pytest.approx(out.loss, rel=1e-13)}
-    if name == "bco_pair":
+    if name == "bco_pair-delta":
         assert out.bco_delta == -0.125
-    if name == "multi":
-        assert out.bco_delta == 0.25
+    elif "bco_pair" in _types(kw["loss_type"]):
+        assert out.bco_delta == 0.0  # no shift unless one is given (TRL 1.16)
+    else:
+        assert out.bco_delta is None
 
 
 @pytest.mark.parametrize("backend", ["rust", "torch"])
@@ -1316,6 +1525,192 @@ def test_golden_torch_path(name, backend):
     for leaf, want in ((leaves[2], want_rc), (leaves[3], want_rr)):
         got = np.zeros(len(want)) if leaf.grad is None else leaf.grad.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# TRL 1.16 semantics: sft's batch token mean, pair weights, the alpha-divergence score
+
+
+def _ragged_batch(seed, b=5):
+    """(B, T) per-token chosen log-probs with a mask of unequal lengths, and their sums."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 12, b)
+    tok = -rng.uniform(0.01, 4.0, (b, int(lens.max())))
+    mask = np.arange(tok.shape[1])[None, :] < lens[:, None]
+    return tok, mask, (tok * mask).sum(axis=1), lens
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_sft_is_trls_batch_token_mean_and_accumulates(backend):
+    tok, mask, pc, lc = _ragged_batch(3, b=6)
+    trl_value = -tok[mask].mean()  # TRL: -mean of the chosen per-token log-probs of the batch
+    pr = -np.ones(6)
+    full = torch.tensor(pc, requires_grad=True)
+    lens = dict(chosen_lengths=torch.tensor(lc), rejected_lengths=torch.tensor(lc))
+    res = torch_dpo_loss(full, torch.tensor(pr), loss_type="sft", backend=backend, **lens)
+    res.loss.backward()
+    assert float(res.loss.detach()) == pytest.approx(trl_value, rel=1e-14)
+    np.testing.assert_allclose(full.grad.numpy(), -1.0 / lc.sum(), rtol=1e-14)
+    # micro-batches of unequal token counts, each with the step's mean chosen length: their
+    # losses weighted by their share of pairs add up to the step's token mean
+    step_m = float(lc.mean())
+    total = 0.0
+    for part in (slice(0, 2), slice(2, 6)):
+        sub = torch_dpo_loss(
+            torch.tensor(pc[part]),
+            torch.tensor(pr[part]),
+            loss_type="sft",
+            sft_mean_length=step_m,
+            chosen_lengths=torch.tensor(lc[part]),
+            rejected_lengths=torch.tensor(lc[part]),
+            backend=backend,
+        )
+        total += float(sub.loss) * len(pc[part]) / len(pc)
+    assert total == pytest.approx(trl_value, rel=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_sft_in_a_weighted_mix_with_pair_weights(backend):
+    """MPO with WPO weights: TRL's loss is sum_k w_k mean(weights * per_sequence_loss_k), where
+    sft's per-sequence loss is its batch value expanded; the rpo term is weighted per pair."""
+    tok, mask, pc, lc = _ragged_batch(5)
+    rng = np.random.default_rng(5)
+    pr, rc, rr = -rng.uniform(5.0, 30.0, (3, 5))
+    lr = rng.integers(1, 12, 5)
+    w = rng.uniform(0.0, 2.0, 5)
+    beta = 0.3
+    uc, ur = pc - rc, pr - rr
+    sig = np.logaddexp(0.0, -beta * (uc - ur))
+    xc, xr = beta * uc, beta * ur
+    bco = np.logaddexp(0.0, -xc) + np.logaddexp(0.0, xr)  # TRL 1.16: no reward shift
+    sft_batch = -tok[mask].mean()
+    rpo = -pc / lc
+    want = (
+        0.8 * np.mean(w * sig) + 0.2 * np.mean(w * bco) + 1.0 * np.mean(w * sft_batch)
+    ) + 0.5 * np.mean(w * rpo)
+    res = torch_dpo_loss(
+        *[torch.tensor(x) for x in (pc, pr, rc, rr)],
+        beta=beta,
+        loss_type=MULTI,
+        loss_weights=MULTI_WEIGHTS,
+        rpo_alpha=0.5,
+        pair_weights=torch.tensor(w),
+        chosen_lengths=torch.tensor(lc),
+        rejected_lengths=torch.tensor(lr),
+        backend=backend,
+    )
+    assert float(res.loss) == pytest.approx(want, rel=1e-13)
+    comps = {k: float(v) for k, v in res.component_losses.items()}
+    assert comps["sft"] == pytest.approx(w.mean() * sft_batch, rel=1e-13)
+    assert comps["sigmoid"] == pytest.approx(np.mean(w * sig), rel=1e-13)
+    assert comps["rpo"] == pytest.approx(np.mean(w * rpo), rel=1e-13)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_pair_weights_are_constants(backend):
+    rng = np.random.default_rng(2)
+    arrays = [torch.tensor(-rng.uniform(1.0, 9.0, 4)) for _ in range(4)]
+    pc = arrays[0].clone().requires_grad_(True)
+    w = torch.tensor([0.0, 1.0, 2.5, 0.25], requires_grad=True)
+    res = torch_dpo_loss(pc, *arrays[1:], beta=0.4, pair_weights=w, backend=backend)
+    plain = torch_dpo_loss(*arrays, beta=0.4, backend=backend)
+    res.loss.backward()
+    assert w.grad is None
+    torch.testing.assert_close(res.losses.detach(), w.detach() * plain.losses, rtol=1e-14, atol=0)
+    assert float(res.component_losses["sigmoid"]) == pytest.approx(
+        float(res.loss.detach()), rel=1e-14
+    )
+    pc2 = arrays[0].clone().requires_grad_(True)
+    torch_dpo_loss(pc2, *arrays[1:], beta=0.4, backend=backend).losses.backward(w.detach())
+    torch.testing.assert_close(pc.grad * 4, pc2.grad, rtol=1e-13, atol=0)
+
+
+def test_kernel_pair_weights_dtype_must_match():
+    a = _val_arrays()
+    with pytest.raises(TypeError, match="^pair_weights"):
+        rlox.dpo_loss(*a, pair_weights=np.ones(3, np.float32))
+    out = rlox.dpo_loss(*[x.astype(np.float32) for x in a], pair_weights=np.ones(3, np.float32))
+    assert out.losses.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("backend", [None, "rust", "torch"])
+def test_alpha_clamp_gives_a_finite_loss_and_no_gradient_beyond_it(dtype, backend):
+    # alpha = 0.5: t = -u / 2 > 80 for u_r = -200 (beyond) and u_c = -150 (inside, t = 75)
+    a = [np.array([x], dtype) for x in (-151.0, -201.0, -1.0, -1.0)]
+    kw = dict(beta=0.1, f_divergence="alpha_divergence", f_alpha_divergence_coef=0.5)
+    if backend is None:
+        out = rlox.dpo_loss(*a, **kw)
+        loss, gc, gr = out.losses[0], out.grad_chosen[0], out.grad_rejected[0]
+    else:
+        leaves = [torch.from_numpy(x.copy()).requires_grad_(True) for x in a]
+        res = torch_dpo_loss(*leaves, backend=backend, **kw)
+        res.loss.backward()
+        loss, gc, gr = float(res.loss.detach()), float(leaves[0].grad[0]), float(leaves[1].grad[0])
+    # s = -2 expm1(t): z = 0.1 * 2 (e^80 - e^75) > 0, so the loss is ~0 and finite
+    assert math.isfinite(loss) and loss >= 0.0
+    assert gr == 0.0  # the rejected side is beyond the clamp
+    assert math.isfinite(gc)
+
+
+@pytest.mark.parametrize("old", [0.3, 1.0, 2.5])
+def test_old_alpha_is_the_new_one_minus_alpha(old):
+    """The README's upgrade note: the old score (1 - e^(-a u)) / a is the new one at 1 - a."""
+    a = _val_arrays()
+    uc, ur = a[0] - a[2], a[1] - a[3]
+    z = 0.5 * (-np.expm1(-old * uc) / old + np.expm1(-old * ur) / old)
+    out = rlox.dpo_loss(
+        *a, beta=0.5, f_divergence="alpha_divergence", f_alpha_divergence_coef=1.0 - old
+    )
+    np.testing.assert_allclose(out.losses, np.logaddexp(0.0, -z), rtol=1e-14)
+    if old == 1.0:
+        fkl = rlox.dpo_loss(*a, beta=0.5, f_divergence="forward_kl")
+        np.testing.assert_allclose(out.losses, fkl.losses, rtol=1e-14)
+
+
+def test_sft_ignores_the_f_divergence_and_alpha_default_is_half():
+    a = _val_arrays()
+    base = rlox.dpo_loss(*a, loss_type="sft", **LENS)
+    for div in F_DIVERGENCES:
+        out = rlox.dpo_loss(*a, loss_type="sft", f_divergence=div, **LENS)
+        np.testing.assert_array_equal(out.losses, base.losses)
+    assert rlox.losses.LOSS_DEFAULTS["f_alpha_divergence_coef"] == 0.5
+    for fn in (torch_dpo_loss, rlox.dpo_loss):
+        assert inspect.signature(fn).parameters["f_alpha_divergence_coef"].default == 0.5
+    default = rlox.dpo_loss(*a, f_divergence="alpha_divergence")
+    half = rlox.dpo_loss(*a, f_divergence="alpha_divergence", f_alpha_divergence_coef=0.5)
+    np.testing.assert_array_equal(default.losses, half.losses)
+
+
+def test_every_loss_type_is_covered_by_the_references():
+    assert rlox.losses.LOSS_TYPES == FAMILY_TYPES
+
+
+@pytest.mark.parametrize("backend", [None, "rust", "torch"])
+@pytest.mark.parametrize("other", ["sigmoid", "sigmoid_norm"])
+def test_sigmoid_ignores_label_smoothing_and_cdpo_applies_it(other, backend):
+    """TRL 1.16: sigmoid and sigmoid_norm ignore label_smoothing, also when a type beside them
+    uses it; cdpo is the conservative DPO loss (1 - eps) sp(-z) + eps sp(z)."""
+    a = _val_arrays()
+    eps, beta = 0.2, 0.5
+
+    def run(**kw):
+        kw = dict(beta=beta, **LENS, **kw)
+        if backend is None:
+            out = rlox.dpo_loss(*a, **kw)
+            return {k: float(v) for k, v in out.component_losses.items()}
+        res = torch_dpo_loss(*[torch.tensor(x) for x in a], backend=backend, **_torch_kw(kw))
+        return {k: float(v) for k, v in res.component_losses.items()}
+
+    plain = run(loss_type=other)[other]
+    mix = run(loss_type=["robust", other, "cdpo"], label_smoothing=eps)
+    assert mix[other] == pytest.approx(plain, rel=1e-14)
+    z = beta * ((a[0] - a[2]) - (a[1] - a[3]))
+    want = np.mean((1 - eps) * np.logaddexp(0.0, -z) + eps * np.logaddexp(0.0, z))
+    assert mix["cdpo"] == pytest.approx(want, rel=1e-14)
+    assert run(loss_type="cdpo", label_smoothing=eps)["cdpo"] == pytest.approx(want, rel=1e-14)
+    sig = run(loss_type="sigmoid")["sigmoid"]
+    assert run(loss_type="cdpo")["cdpo"] == pytest.approx(sig, rel=1e-14)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1355,6 +1750,16 @@ _bad("unknown f_divergence", "f_divergence", f_divergence="nope")
 _bad("exo_pair eps=0", "label_smoothing", loss_type="exo_pair")
 for _t in sorted(set(FAMILY_TYPES) - LABEL_SMOOTHING_USERS):
     _bad(f"eps unused by {_t}", "label_smoothing", loss_type=_t, label_smoothing=0.1, **LENS)
+for _t in ("sigmoid", "sigmoid_norm"):
+    # the message names the types that use it and points to cdpo for conservative DPO
+    _bad(
+        f"eps with {_t} points to cdpo",
+        r'^label_smoothing: .*"robust", "exo_pair", "aot", "aot_unpaired", "cdpo", "simpo", "cpo"'
+        r'.*loss_type="cdpo"',
+        loss_type=_t,
+        label_smoothing=0.1,
+        **LENS,
+    )
 _bad(
     "eps unused by hinge+sft",
     "label_smoothing",
@@ -1362,20 +1767,37 @@ _bad(
     label_smoothing=0.1,
     **LENS,
 )
-for _t in sorted(set(FAMILY_TYPES) - F_DIVERGENCE_USERS):
+for _t in sorted(set(FAMILY_TYPES) - F_DIVERGENCE_TYPES):
     _bad(
         f"f_divergence unused by {_t}",
-        "f_divergence",
+        f"^f_divergence: .*{_t}",
         loss_type=_t,
         f_divergence="forward_kl",
         **LENS,
     )
 _bad(
     "f_divergence with bco_pair",
-    "f_divergence",
+    "^f_divergence: .*bco_pair",
     loss_type=["sigmoid", "bco_pair"],
     f_divergence="js_divergence",
 )
+_bad(
+    "alpha near 1 is still a non-default f_divergence",
+    "^f_divergence: .*simpo",
+    loss_type=["sft", "simpo"],
+    f_divergence="alpha_divergence",
+    f_alpha_divergence_coef=1.0,
+    **LENS,
+)
+for _i, _v in ((1, NAN), (0, -0.5), (2, INF)):
+    _w = np.ones(N_VAL)
+    _w[_i] = _v
+    _bad(f"pair_weights[{_i}]={_v}", rf"^pair_weights\[{_i}\]", pair_weights=_w)
+_bad("pair_weights length", "^pair_weights", pair_weights=np.ones(N_VAL + 1))
+for _t in sorted(SORTING_TYPES):
+    _bad(f"pair_weights with {_t}", f"^pair_weights: .*{_t}", loss_type=_t, pair_weights=np.ones(3))
+for _v in (0.0, -2.0, NAN, INF):
+    _bad(f"sft_mean_length={_v}", "^sft_mean_length", loss_type="sft", sft_mean_length=_v, **LENS)
 _bad("two weights for a string type", "loss_weights", loss_type="sigmoid", loss_weights=[1.0, 1.0])
 _bad("weights count", "loss_weights", loss_type=["sigmoid", "hinge"], loss_weights=[1.0])
 for _v in (-0.5, NAN, INF):
@@ -1388,6 +1810,7 @@ for _v in (-1.0, NAN, INF):
     _bad(f"rpo_alpha={_v}", "rpo_alpha", loss_type="sigmoid", rpo_alpha=_v, **LENS)
 for _v in (0.0, -1.0, NAN, INF):
     _bad(f"discopop_tau={_v}", "discopop_tau", loss_type="discopop", discopop_tau=_v)
+for _v in (NAN, INF, -INF):  # any finite alpha is valid, as in TRL
     _bad(
         f"f_alpha_divergence_coef={_v}",
         "f_alpha_divergence_coef",
@@ -1502,6 +1925,8 @@ WRONG_TYPES = [
     pytest.param(dict(beta="0.1"), "beta", id="beta str"),
     pytest.param(dict(f_divergence=1), "f_divergence", id="f_divergence int"),
     pytest.param(dict(loss_type="simpo", simpo_gamma="a", **LENS), "simpo_gamma", id="gamma str"),
+    pytest.param(dict(pair_weights=np.ones(3, np.int64)), "pair_weights", id="int pair_weights"),
+    pytest.param(dict(sft_mean_length="4"), "sft_mean_length", id="sft_mean_length str"),
 ]
 
 

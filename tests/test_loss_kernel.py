@@ -78,7 +78,7 @@ def kernel_cases(draw, loss_types=LOSS_TYPES):
     beta = 10.0 ** draw(st.floats(-3.0, 1.0))
     loss_type = draw(st.sampled_from(loss_types))
     eps = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5, exclude_max=True)))
-    if loss_type != "sigmoid":  # only sigmoid of these reads label_smoothing
+    if loss_type != "cdpo":  # only cdpo of these reads label_smoothing
         eps = 0.0
     ref_scale = 10.0 ** draw(st.floats(0.0, 3.0))
     z_max = 10.0 ** draw(st.floats(-3.0, 4.0))
@@ -151,7 +151,7 @@ def pair_tolerances(pc, pr, rc, rr, *, beta, loss_type, lengths, u):
         err_z = u * beta * (s_c + s_r)
         z = beta * ((pc - rc) - (pr - rr))
         tol_loss = err_z + u * (np.abs(z) + 1.0)
-        # |d^2 loss / dz^2| <= 1/4 for sigmoid; the hinge gradient is piecewise constant.
+        # |d^2 loss / dz^2| <= 1/4 for sigmoid and cdpo; the hinge gradient is piecewise constant.
         tol_dlc = beta * (0.25 * err_z + u)
         tol_dlr = tol_dlc
         ambiguous = (
@@ -258,7 +258,7 @@ def test_kernel_matches_reference(case):
     assert out.rejected_reward == pytest.approx(np.mean(rr64), rel=1e-9, abs=1e-12)
 
     if case["loss_type"] != "ipo":
-        # sigmoid and hinge depend on the pair only through z, so the two gradients are opposite
+        # sigmoid, cdpo and hinge depend on the pair only through z: opposite gradients
         np.testing.assert_array_equal(out.grad_rejected, -out.grad_chosen)
 
 
@@ -273,7 +273,7 @@ def test_kernel_many_chunks_matches_reference():
                 dtype=dtype,
                 beta=0.3,
                 loss_type=loss_type,
-                eps=0.2 if loss_type == "sigmoid" else 0.0,
+                eps=0.2 if loss_type == "cdpo" else 0.0,
                 lengths=tuple(rng.integers(1, 100, b) for _ in range(2)),
             )
             out = run_kernel(case)
@@ -342,7 +342,9 @@ def test_kernel_extreme_margins_stay_finite():
         pc = np.asarray(z / beta, dtype)
         zeros = np.zeros_like(pc)
         for eps in (0.0, 0.25):
-            out = rlox.dpo_loss(pc, zeros, zeros, zeros, beta=beta, label_smoothing=eps)
+            out = rlox.dpo_loss(
+                pc, zeros, zeros, zeros, beta=beta, loss_type="cdpo", label_smoothing=eps
+            )
             want = np.where(z > 0, eps * z, (1 - eps) * -z)  # softplus terms vanish
             np.testing.assert_allclose(out.losses, want, rtol=1e-6, atol=1e-30)
             # d loss_i / d z = eps - sigma(-z) -> eps (z >> 0) or eps - 1 (z << 0)
@@ -382,19 +384,22 @@ def test_golden_sigmoid(dtype):
     assert out.reward_accuracy == 1.0
 
 
-def test_golden_sigmoid_conservative():
-    # same pair, label_smoothing eps = 0.1:
+def test_golden_cdpo():
+    # conservative DPO on the same pair, label_smoothing eps = 0.1:
     # loss = 0.9 * softplus(-1.5) + 0.1 * softplus(1.5), and softplus(1.5) = 1.5 + softplus(-1.5)
     #      = softplus(-1.5) + 0.1 * 1.5 = 0.2014132779827524 + 0.15 = 0.3514132779827524
     # d loss / d z = eps * sigma(z) - (1 - eps) * sigma(-z) = eps - sigma(-z)
     #             = 0.1 - 0.18242552380635635 = -0.08242552380635634
     # d loss / d pi_c = beta * that = -0.04121276190317817
-    out = _single(-1.0, -4.0, -3.0, -3.0, beta=0.5, label_smoothing=0.1)
+    out = _single(-1.0, -4.0, -3.0, -3.0, beta=0.5, loss_type="cdpo", label_smoothing=0.1)
     assert out.loss == pytest.approx(0.3514132779827524, rel=1e-14)
     assert out.grad_chosen[0] == pytest.approx(-0.04121276190317817, rel=1e-14)
     assert out.grad_rejected[0] == pytest.approx(0.04121276190317817, rel=1e-14)
     # the rewards do not depend on the loss
     assert out.chosen_rewards[0] == 1.0 and out.rejected_rewards[0] == -0.5
+    # sigmoid has no label smoothing (TRL 1.16): asking for it points to cdpo
+    with pytest.raises(ValueError, match=r'^label_smoothing: .*loss_type="cdpo"'):
+        _single(-1.0, -4.0, -3.0, -3.0, beta=0.5, label_smoothing=0.1)
 
 
 def test_golden_sigmoid_batch_mean_and_gradient_scale():
@@ -481,14 +486,25 @@ def test_golden_ipo():
     dtype=st.sampled_from([np.float32, np.float64]),
     batch=st.integers(1, 1000),
     beta=st.floats(1e-3, 10.0),
+    loss_type=st.sampled_from(["sigmoid", "cdpo"]),
     eps=st.floats(0.0, 0.5, exclude_max=True),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_sigmoid_at_init_is_ln2(dtype, batch, beta, eps, seed):
+def test_sigmoid_at_init_is_ln2(dtype, batch, beta, loss_type, eps, seed):
+    if loss_type == "sigmoid":
+        eps = 0.0  # sigmoid has no label smoothing
     rng = np.random.default_rng(seed)
     ref_c = np.asarray(-rng.uniform(0, 500, batch), dtype)
     ref_r = np.asarray(-rng.uniform(0, 500, batch), dtype)
-    out = rlox.dpo_loss(ref_c.copy(), ref_r.copy(), ref_c, ref_r, beta=beta, label_smoothing=eps)
+    out = rlox.dpo_loss(
+        ref_c.copy(),
+        ref_r.copy(),
+        ref_c,
+        ref_r,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=eps,
+    )
     atol = 1e-7 if dtype == np.float32 else 1e-15
     assert abs(out.loss - math.log(2.0)) <= atol
     np.testing.assert_allclose(out.losses, math.log(2.0), rtol=0, atol=atol)
@@ -526,7 +542,7 @@ def torch_cases(draw):
     batch = draw(st.integers(1, 300))
     loss_type = draw(st.sampled_from(LOSS_TYPES))
     eps = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5, exclude_max=True)))
-    if loss_type != "sigmoid":  # only sigmoid of these reads label_smoothing
+    if loss_type != "cdpo":  # only cdpo of these reads label_smoothing
         eps = 0.0
     beta = 10.0 ** draw(st.floats(-2.0, 0.5))
     seed = draw(st.integers(0, 2**32 - 1))

@@ -673,7 +673,7 @@ def test_save_load_round_trip(tmp_path):
         beta=0.25,
         learning_rate=3e-3,
         max_grad_norm=0.5,
-        loss_type="sigmoid",
+        loss_type="cdpo",
         label_smoothing=0.1,
         pad_token_id=PAD,
     )

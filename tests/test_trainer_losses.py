@@ -27,8 +27,9 @@ def _single_torch_thread():
 
 
 def options_for(loss_type: str) -> dict:
-    """Options that make ``loss_type`` valid (exo_pair needs label smoothing)."""
-    return {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
+    """Options that make ``loss_type`` valid (exo_pair needs label smoothing) or exercise it
+    (cdpo's smoothing)."""
+    return {"label_smoothing": 0.1} if loss_type in ("exo_pair", "cdpo") else {}
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -102,7 +103,18 @@ def test_multi_loss_reports_each_component():
     assert parts["sigmoid"] == pytest.approx(math.log(2.0), abs=1e-6)  # policy == reference
     want = 0.8 * parts["sigmoid"] + 0.2 * parts["bco_pair"] + parts["sft"] + 0.5 * parts["rpo"]
     assert m["loss"] == pytest.approx(want, rel=1e-6)
-    assert parts["sft"] == pytest.approx(parts["rpo"], rel=1e-12)
+    # sft is the NLL over all chosen tokens of the batch (TRL); rpo the mean of each pair's
+    # token-mean NLL (RPO): they differ when the chosen lengths differ
+    batch = rlox.collate_pairs(PROMPT, CHOSEN, REJECTED, pad_token_id=PAD)
+    n = len(batch.chosen_lengths)
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        pc = sequence_logps(policy, batch)[:n].double()
+    policy.train(was_training)
+    lc = batch.chosen_lengths.double()
+    assert parts["sft"] == pytest.approx(float(-pc.sum() / lc.sum()), rel=1e-5)
+    assert parts["rpo"] == pytest.approx(float((-pc / lc).mean()), rel=1e-5)
 
 
 def test_reference_free_runs_without_a_reference():
@@ -120,7 +132,15 @@ def test_reference_free_runs_without_a_reference():
 
 def test_bco_shift_is_the_running_mean_of_training_rewards():
     policy, ref = make_pair(seed=5)
-    trainer = DPO(policy, ref, beta=0.5, loss_type="bco_pair", learning_rate=1e-2, pad_token_id=PAD)
+    trainer = DPO(
+        policy,
+        ref,
+        beta=0.5,
+        loss_type="bco_pair",
+        learning_rate=1e-2,
+        pad_token_id=PAD,
+        bco_running_mean=True,
+    )
     batch = rlox.collate_pairs(PROMPT, CHOSEN, REJECTED, pad_token_id=PAD)
     seen = []
     for _ in range(3):
@@ -143,17 +163,18 @@ def test_loss_options_survive_save_and_load(tmp_path):
     trainer = DPO(
         policy,
         ref,
-        loss_type=["sigmoid", "bco_pair"],
+        loss_type=["robust", "bco_pair"],
         loss_weights=[1.0, 0.5],
         ld_alpha=0.5,
         label_smoothing=0.1,
         pad_token_id=PAD,
+        bco_running_mean=True,
     )
     trainer.train_step(PROMPT, CHOSEN, REJECTED)
     trainer.save(tmp_path / "ckpt")
     loaded = DPO.load(tmp_path / "ckpt", copy.deepcopy(policy), ref)
     assert loaded.config == trainer.config
-    assert loaded.config.loss_type == ("sigmoid", "bco_pair")
+    assert loaded.config.loss_type == ("robust", "bco_pair")
     assert loaded.bco_reward_count == trainer.bco_reward_count == 6
     assert loaded.bco_reward_sum == trainer.bco_reward_sum
 
@@ -167,6 +188,7 @@ def test_loss_options_survive_save_and_load(tmp_path):
         ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, ValueError, "^loss_weights"),
         ({"f_divergence": "kl"}, ValueError, r"^f_divergence: unknown"),
         ({"loss_type": "hinge", "label_smoothing": 0.2}, ValueError, "^label_smoothing"),
+        ({"label_smoothing": 0.1}, ValueError, r'^label_smoothing: .*loss_type="cdpo"'),
     ],
 )
 def test_trainer_rejects_bad_loss_options(kwargs, exc, pattern):

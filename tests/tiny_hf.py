@@ -98,3 +98,36 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 PROBE = torch.tensor([[0, 5, 9, 17, 40, 2, 81], [3, 3, 100, 200, 1, 7, 11]])
+
+
+def make_moe(arch: str, vocab: int = 64, **overrides) -> torch.nn.Module:
+    """A tiny float64 mixture-of-experts causal LM in eval mode: "mixtral" or "qwen2_moe".
+
+    Two layers of 4 experts, 2 per token; the experts run eagerly (the grouped-mm kernels take
+    no float64). ``overrides`` go to the config (e.g. ``router_aux_loss_coef``).
+    """
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        experts_implementation="eager",
+        num_experts_per_tok=2,
+    )
+    if arch == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=4, **common, **overrides)
+        return transformers.MixtralForCausalLM(cfg).double().eval()
+    cfg = transformers.Qwen2MoeConfig(
+        num_experts=4,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        **common,
+        **overrides,
+    )
+    return transformers.Qwen2MoeForCausalLM(cfg).double().eval()

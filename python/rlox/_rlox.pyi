@@ -53,7 +53,7 @@ def dpo_loss(
     chosen_lengths: npt.NDArray[np.integer] | None = None,
     rejected_lengths: npt.NDArray[np.integer] | None = None,
     f_divergence: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
@@ -61,8 +61,15 @@ def dpo_loss(
     rpo_alpha: float | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float | None = None,
+    pair_weights: npt.NDArray[np.floating] | None = None,
+    sft_mean_length: float | None = None,
 ) -> DPOLossOutput:
-    """Fused loss, gradients, rewards and metrics over (B,) float32/float64 log-prob arrays."""
+    """Fused loss, gradients, rewards and metrics over (B,) float32/float64 log-prob arrays.
+
+    ``bco_delta``: the ``bco_pair`` reward shift (None: 0, as TRL 1.16); the output's
+    ``bco_delta`` is the shift used, None without ``bco_pair``. ``pair_weights``: (B,) weights >= 0 in the log-probs' dtype, multiplying each pair's loss
+    (the ``sft`` term: their mean). ``sft_mean_length``: the ``m`` of ``sft``'s ``-pi_c / m``
+    (default: the mean chosen length, so the mean over pairs is the batch token mean)."""
 
 def check_loss_options(**options: Any) -> dict[str, Any]:
     """Validate the loss keywords of :func:`dpo_loss`; returns terms, components, needs_lengths,

@@ -8,7 +8,7 @@ A batch of B preference pairs comes out of the Rust collator as numpy arrays in 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -30,7 +30,7 @@ LAYOUTS = ("padded", "packed", "prefix_shared")
 
 
 @dataclass(frozen=True)
-class PairBatch:
+class PairBatch(Mapping):
     """A collated batch of B preference pairs in one of three layouts.
 
     Matrices are ``(R, L)``: ``R = 2B`` rows for ``padded`` (row ``i`` is prompt_i + chosen_i, row
@@ -40,6 +40,10 @@ class PairBatch:
     ``plan_target`` is its id, ``plan_pair`` its pair (0..B-1) and ``plan_side`` 0 for chosen, 1 for
     rejected. Summing token log-probs by ``plan_side * B + plan_pair`` gives the (2B,) sequence
     log-probs in every layout.
+
+    A batch is also a read-only mapping of its fields that are set (``batch["input_ids"]``,
+    ``batch.keys()``, ``dict(batch)``), as Hugging Face batches are. Those include rlox-only
+    fields, so a model takes :meth:`model_inputs` rather than ``**batch``.
     """
 
     input_ids: Tensor  # (R, L) int64
@@ -70,6 +74,43 @@ class PairBatch:
             value = torch.from_numpy(value)
             object.__setattr__(self, name, value)
         return value
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _FIELD_NAMES:
+            raise KeyError(key)
+        value = getattr(self, key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in _FIELD_NAMES if self.__dict__.get(k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def model_inputs(self, model: torch.nn.Module | None = None) -> dict[str, Tensor]:
+        """The keywords a causal LM's forward takes: ``input_ids``, ``attention_mask``,
+        ``position_ids``, all (R, L) except the mask.
+
+        The mask is the (R, L) padding mask in the ``padded`` layout. Packed and prefix-shared
+        rows hold several sequences, so there it is the mask that ``model``'s attention
+        implementation needs (:func:`rlox.attention.attention_mask`), or without ``model`` the
+        boolean (R, 1, L, L) mask of :meth:`dense_attention_mask`.
+        """
+        if model is not None:
+            from rlox.attention import attention_mask
+
+            mask = attention_mask(model, self)
+        elif self.layout == "padded":
+            mask = self.attention_mask
+        else:
+            mask = self.dense_attention_mask()
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": mask,
+            "position_ids": self.position_ids,
+        }
 
     @property
     def num_pairs(self) -> int:
@@ -120,6 +161,7 @@ def dense_attention_mask(batch: PairBatch) -> Tensor:
     return mask[:, None]
 
 
+_FIELD_NAMES = tuple(f.name for f in fields(PairBatch))
 _BATCH_DEFAULTS = {
     f.name: None if f.default is MISSING else f.default
     for f in fields(PairBatch)

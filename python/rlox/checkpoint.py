@@ -5,6 +5,7 @@ A checkpoint directory holds
 * ``model.safetensors``: the policy weights (shared tensors stored once);
 * ``optimizer.pt``: the optimizer's ``state_dict`` (read back with ``weights_only=True``);
 * ``rng.safetensors``: the torch CPU (and CUDA) generator states;
+* ``reference.safetensors``: only when TR-DPO (``sync_ref_model``) has moved the reference;
 * ``checkpoint.json``: everything else (position in the data order, trainer config, counters,
   scheduler state, Python and numpy generator states, the optimizer's class and its parameter
   groups by parameter name, rlox version);
@@ -65,6 +66,7 @@ __all__ = [
     "MANIFEST",
     "MARKER",
     "META",
+    "REFERENCE_FILE",
     "capture_rng",
     "full_state",
     "full_tensor",
@@ -87,6 +89,7 @@ CHECKPOINTS = "checkpoints"
 META = "checkpoint.json"
 MARKER = MANIFEST  # written last: a step directory holding it is complete
 FILES = ("model.safetensors", "optimizer.pt", "rng.safetensors", META)
+REFERENCE_FILE = "reference.safetensors"
 FORMAT = "rlox-checkpoint"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
@@ -419,6 +422,7 @@ def save_checkpoint(
     state: Mapping[str, Any],
     keep: int | None = None,
     collective: bool | None = None,
+    reference: nn.Module | None = None,
 ) -> Path | None:
     """Atomically write ``output_dir/checkpoints/step-<step>/``; return its path.
 
@@ -427,7 +431,8 @@ def save_checkpoint(
     last. An existing checkpoint of the same step is replaced, and step directories of later steps
     (left by the run that a resumed run branched off from, or damaged) are removed, so the highest
     step is always the newest state. With ``keep``, only the ``keep`` newest complete checkpoints
-    are kept afterwards.
+    are kept afterwards. ``reference``: a reference model that training has moved (TR-DPO),
+    written as ``reference.safetensors``.
 
     ``collective`` (always so for a sharded ``model``): every rank of the initialised process
     group calls this; the full state is gathered, rank 0 alone writes and the ranks wait for it.
@@ -443,6 +448,9 @@ def save_checkpoint(
         weights, optim = full_state(model, optimizer)
     elif writer:
         optim = optimizer.state_dict()
+    ref_weights = None
+    if reference is not None and is_sharded(reference):
+        ref_weights, _ = full_state(reference, None)
     final: Path | None = None
     error: Exception | None = None
     if writer:
@@ -452,7 +460,8 @@ def save_checkpoint(
                 "optimizer": type(optimizer).__name__,
                 "optimizer_groups": optimizer_groups(model, optimizer),
             }
-            final = _write_checkpoint(output_dir, step, model, weights, optim, state)
+            ref = None if reference is None else (reference, ref_weights)
+            final = _write_checkpoint(output_dir, step, model, weights, optim, state, ref)
             later = [p for p in _step_dirs(output_dir) if _step_of(p) > step]
             found = [p for p in list_checkpoints(output_dir) if _step_of(p) <= step]
             stale = found[:-keep] if keep is not None and keep > 0 else []
@@ -482,6 +491,7 @@ def _write_checkpoint(
     weights: Mapping[str, torch.Tensor] | None,
     optim: Mapping[str, Any],
     state: Mapping[str, Any],
+    reference: tuple[nn.Module, Mapping[str, torch.Tensor] | None] | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
@@ -501,6 +511,9 @@ def _write_checkpoint(
         plain_rng, tensor_rng = capture_rng()
         save_file({k: v.contiguous() for k, v in tensor_rng.items()}, str(tmp / "rng.safetensors"))
         manifest.add("rng.safetensors")
+        if reference is not None:
+            save_weights(reference[0], tmp / REFERENCE_FILE, reference[1])
+            manifest.add(REFERENCE_FILE)
         meta = {
             "format": FORMAT,
             "step": int(step),
@@ -544,11 +557,13 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     rng: bool = True,
     verify: bool = True,
+    reference: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; return its ``checkpoint.json``.
 
     Loads the weights into ``model`` and the state into ``optimizer`` when given, and restores
-    the global generators when ``rng``. No pickled code is run. With a sharded ``model`` every
+    the global generators when ``rng``, and the saved moved reference into ``reference`` when
+    the checkpoint has one. No pickled code is run. With a sharded ``model`` every
     rank must call it: each reads the full state and keeps its shards.
 
     ``verify``: first check the files against the manifest (:func:`verify_checkpoint`; pass False
@@ -576,6 +591,9 @@ def load_checkpoint(
         with reading(path, "optimizer.pt", "resume_from"):
             optim = torch.load(path / "optimizer.pt", weights_only=True)
         load_optimizer_state(model, optimizer, optim)
+    if reference is not None and (path / REFERENCE_FILE).is_file():
+        with reading(path, REFERENCE_FILE, "resume_from"):
+            load_weights(reference, path / REFERENCE_FILE)
     if rng:
         with reading(path, "rng.safetensors", "resume_from"):
             restore_rng(meta["rng"], load_file(str(path / "rng.safetensors")))

@@ -311,7 +311,9 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
 
     from rlox import DPO
     from rlox.hf import frozen_copy, is_peft_model, load_pretrained, save_pretrained
+    from rlox.trackers import report_to_names, require_trackers
 
+    require_trackers(report_to_names(config.report_to))  # before the model loads
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

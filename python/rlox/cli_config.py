@@ -1,7 +1,6 @@
-"""The ``rlox train`` config: option value kinds, :class:`TrainConfig`, its TOML file and checks.
+"""The ``rlox train`` config: :class:`TrainConfig`, its TOML file and checks.
 
-A value kind (:class:`Kind`) reads an option from a command-line string or a typed TOML value and
-says what it expected when the value does not fit. :class:`TrainConfig` holds every option of
+Option values are read by the kinds of :mod:`rlox.cli_kinds`. :class:`TrainConfig` holds every option of
 ``rlox train``; the options it shares with :class:`rlox.DPO` and :meth:`rlox.DPO.fit` take their
 defaults (and, for ``fit``, their help) from :class:`~rlox.train.config.DPOConfig` and
 :class:`~rlox.train.config.FitConfig`. :func:`load_train_config` merges a TOML file with flag
@@ -14,13 +13,27 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlox.cli_kinds import (
+    BadValue,
+    Kind,
+    bool_kind,
+    choice_kind,
+    device_kind,
+    float_kind,
+    float_list_kind,
+    int_kind,
+    loss_type_kind,
+    path_kind,
+    report_to_kind,
+    resume_kind,
+    split_list,
+)
 from rlox.train.config import LR_SCHEDULERS, DPOConfig, FitConfig
 
 __all__ = [
@@ -47,206 +60,6 @@ class UsageError(Exception):
     def __init__(self, message: str, prog: str | None = None) -> None:
         super().__init__(message)
         self.prog = prog
-
-
-# ---------------------------------------------------------------------------------- values
-class BadValue(ValueError):
-    """A value that does not fit its option; the message says what was expected."""
-
-
-_NONE_WORDS = frozenset({"none", "null"})
-
-
-def _is_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)
-
-
-def _bad(expected: str, value: Any) -> BadValue:
-    return BadValue(f"expected {expected}, got {value!r}")
-
-
-@dataclass(frozen=True)
-class Kind:
-    """How an option's value is read from a flag (a string) or from TOML (a typed value)."""
-
-    expected: str
-    parse: Callable[[Any], Any]
-    optional: bool = False
-    metavar: str = "X"
-
-    def __call__(self, value: Any) -> Any:
-        if self.optional and _is_none(value):
-            return None
-        return self.parse(value)
-
-    @property
-    def description(self) -> str:
-        return f"{self.expected} or 'none'" if self.optional else self.expected
-
-
-def _real(value: Any, expected: str) -> float:
-    if isinstance(value, bool):
-        raise _bad(expected, value)
-    if isinstance(value, int | float):
-        out = float(value)
-    elif isinstance(value, str):
-        try:
-            out = float(value.strip())
-        except ValueError:
-            raise _bad(expected, value) from None
-    else:
-        raise _bad(expected, value)
-    if not math.isfinite(out):
-        raise _bad(expected, value)
-    return out
-
-
-def float_kind(
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-    optional: bool = False,
-    expected: str | None = None,
-) -> Kind:
-    if expected is None:
-        if lo == 0 and lo_open and hi is None:
-            expected = "a positive float"
-        elif lo == 0 and hi is None:
-            expected = "a non-negative float"
-        elif lo is not None and hi is not None:
-            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-            expected = f"a float in {left}{lo:g}, {hi:g}{right}"
-        else:
-            expected = "a float"
-
-    def parse(value: Any) -> float:
-        out = _real(value, expected)
-        if lo is not None and (out < lo or (lo_open and out == lo)):
-            raise _bad(expected, value)
-        if hi is not None and (out > hi or (hi_open and out == hi)):
-            raise _bad(expected, value)
-        return out
-
-    return Kind(expected, parse, optional, "FLOAT")
-
-
-def int_kind(minimum: int = 1, *, optional: bool = False) -> Kind:
-    expected = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-
-    def parse(value: Any) -> int:
-        if isinstance(value, bool):
-            raise _bad(expected, value)
-        if isinstance(value, str):
-            try:
-                value_int = int(value.strip())
-            except ValueError:
-                raise _bad(expected, value) from None
-        elif isinstance(value, int):
-            value_int = value
-        elif isinstance(value, float) and value.is_integer():
-            value_int = int(value)
-        else:
-            raise _bad(expected, value)
-        if value_int < minimum:
-            raise _bad(expected, value)
-        return value_int
-
-    return Kind(expected, parse, optional, "N")
-
-
-def bool_kind() -> Kind:
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-    def parse(value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in words:
-            return words[value.strip().lower()]
-        raise _bad("true or false", value)
-
-    return Kind("true or false", parse, False, "BOOL")
-
-
-def choice_kind(choices: Sequence[str], *, optional: bool = False) -> Kind:
-    expected = "one of " + ", ".join(repr(c) for c in choices)
-
-    def parse(value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise _bad(expected, value)
-        return value
-
-    return Kind(expected, parse, optional, "{" + ",".join(choices) + "}")
-
-
-def path_kind(*, optional: bool = False, expected: str = "a path") -> Kind:
-    def parse(value: Any) -> str:
-        if not isinstance(value, str | os.PathLike) or not str(value).strip():
-            raise _bad(expected, value)
-        return str(value)
-
-    return Kind(expected, parse, optional, "PATH")
-
-
-def _split_list(value: Any) -> list[Any]:
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    if isinstance(value, list | tuple):
-        return list(value)
-    return [value]
-
-
-def loss_type_kind() -> Kind:
-    from rlox.losses import LOSS_TYPES
-
-    expected = "a loss type or a list of them (" + ", ".join(LOSS_TYPES) + ")"
-
-    def parse(value: Any) -> str | tuple[str, ...]:
-        names = _split_list(value)
-        if not names or not all(isinstance(n, str) and n in LOSS_TYPES for n in names):
-            raise _bad(expected, value)
-        return names[0] if len(names) == 1 and isinstance(value, str) else tuple(names)
-
-    return Kind(expected, parse, False, "TYPE[,TYPE...]")
-
-
-def float_list_kind(*, optional: bool = False) -> Kind:
-    expected = "a list of non-negative floats"
-
-    def parse(value: Any) -> tuple[float, ...]:
-        items = _split_list(value)
-        if not items:
-            raise _bad(expected, value)
-        out = tuple(_real(v, expected) for v in items)
-        if any(v < 0 for v in out):
-            raise _bad(expected, value)
-        return out
-
-    return Kind(expected, parse, optional, "W[,W...]")
-
-
-def device_kind() -> Kind:
-    expected = "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"
-
-    def parse(value: Any) -> str:
-        if not isinstance(value, str):
-            raise _bad(expected, value)
-        if value == "auto":
-            return value
-        import torch
-
-        try:
-            torch.device(value)
-        except (RuntimeError, ValueError):
-            raise _bad(expected, value) from None
-        return value
-
-    return Kind(expected, parse, False, "DEVICE")
-
-
-def resume_kind() -> Kind:
-    return Kind("'latest' or a checkpoint directory", path_kind().parse, True, "latest|DIR")
 
 
 # --------------------------------------------------------------------------- train config
@@ -291,7 +104,7 @@ LORA_FLAGS = {
     ),
     "lora_target_modules": (
         "target_modules",
-        Kind("module names", _split_list, False, "NAME[,NAME...]"),
+        Kind("module names", split_list, False, "NAME[,NAME...]"),
         "modules to adapt, comma-separated, or 'all-linear' (default: peft's choice for the "
         "architecture)",
     ),
@@ -404,6 +217,31 @@ class TrainConfig:
         float_kind(0, 1, optional=True),
         "LD-DPO weight of tokens beyond the shorter completion",
     )
+    disable_dropout: bool = _dpo(
+        "disable_dropout", bool_kind(), "set every dropout probability of both models to 0"
+    )
+    use_weighting: bool = _dpo(
+        "use_weighting", bool_kind(), "WPO: weight each pair by its completions' probabilities"
+    )
+    sync_ref_model: bool = _dpo(
+        "sync_ref_model", bool_kind(), "TR-DPO: move the reference toward the policy"
+    )
+    ref_model_mixup_alpha: float = _dpo(
+        "ref_model_mixup_alpha",
+        float_kind(0, 1, lo_open=True),
+        "TR-DPO: reference = alpha * policy + (1 - alpha) * reference",
+    )
+    ref_model_sync_steps: int = _dpo(
+        "ref_model_sync_steps", int_kind(), "TR-DPO: mix the reference every N optimizer steps"
+    )
+    bco_running_mean: bool = _dpo(
+        "bco_running_mean", bool_kind(), "bco_pair: shift rewards by their running mean"
+    )
+    router_aux_loss_coef: float | None = _dpo(
+        "router_aux_loss_coef",
+        float_kind(0, optional=True),
+        "weight of a mixture-of-experts router loss (unset: the model config's; 0: off)",
+    )
     # fit (defaults and, unless the command line needs to say more, help: those of FitConfig)
     epochs: int = _fit("epochs", int_kind())
     batch_size: int | None = _fit(
@@ -450,6 +288,13 @@ class TrainConfig:
     max_consecutive_skips: int = _fit("max_consecutive_skips", int_kind())
     progress: bool = _fit("progress", bool_kind())
     max_steps: int | None = _fit("max_steps", int_kind(optional=True))
+    report_to: str | tuple[str, ...] | None = _fit(
+        "report_to",
+        report_to_kind(),
+        "experiment trackers: tensorboard, wandb, mlflow, comma-separated, or 'none' (unset: "
+        "TensorBoard when installed); their environment variables (WANDB_PROJECT, "
+        "MLFLOW_TRACKING_URI, ...) say where records go",
+    )
     # LoRA
     lora: Mapping[str, Any] | None = _opt(
         None, None, "train LoRA adapters; a [lora] table of peft.LoraConfig options", "lora"

@@ -23,20 +23,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlox.cli_config import (
-    GROUPS,
-    LORA_FLAGS,
+from rlox.cli_config import GROUPS, LORA_FLAGS, TrainConfig, UsageError, flag_name, toml_value
+from rlox.cli_kinds import (
     BadValue,
     Kind,
-    TrainConfig,
-    UsageError,
     choice_kind,
     device_kind,
-    flag_name,
     float_kind,
     int_kind,
     loss_type_kind,
-    toml_value,
 )
 
 __all__ = ["PROG", "EvalOptions", "PrepareOptions", "build_parser", "unrecognized"]

@@ -4,29 +4,32 @@ On CPU the fused Rust kernel (:func:`rlox.dpo_loss`) computes the loss and its g
 pass; on any other device the same math runs in pure PyTorch. Both paths agree to rounding.
 
 Notation, per pair: ``pi`` and ``ref`` are the policy and reference log-probs SUMMED over the
-completion tokens, ``|y|`` the completion length in tokens, ``u = pi - ref``, ``v = u / |y|``,
-``a = pi / |y|``, ``s`` the f-divergence score (identity by default), ``Delta = s(u_c) - s(u_r)``,
-``z = beta * Delta``, ``eps`` the label smoothing and ``sp(x) = log(1 + exp(x))``.
+completion tokens, ``|y|`` the completion length in tokens, ``u = pi - ref``, ``a = pi / |y|``,
+``s`` the f-divergence score (identity by default), ``Delta = s(u_c) - s(u_r)``,
+``Dn = s(u_c) / |y_c| - s(u_r) / |y_r|``, ``z = beta * Delta``, ``eps`` the label smoothing and
+``sp(x) = log(1 + exp(x))``. Scores and the types TRL 1.16's ``DPOTrainer`` has (all but
+``cdpo``, ``simpo``, ``cpo`` and ``orpo``) give its numbers.
 
 =================  ==========================================================================
 ``loss_type``      per-pair loss
 =================  ==========================================================================
-``sigmoid``        ``(1-eps) sp(-z) + eps sp(z)``. DPO, Rafailov et al. 2023; with eps the
-                   conservative DPO of Mitchell 2023.
+``sigmoid``        ``sp(-z)``. DPO, Rafailov et al. 2023. Ignores eps, as TRL 1.16 does.
 ``robust``         ``((1-eps) sp(-z) - eps sp(z)) / (1 - 2 eps)``. Unbiased under label-flip
                    rate eps; Chowdhury et al. 2024, "Provably robust DPO".
 ``hinge``          ``max(0, 1 - z)``. SLiC, Zhao et al. 2023.
-``ipo``            ``(s(v_c) - s(v_r) - 1/(2 beta))^2`` on per-token AVERAGE log-ratios, as the
-                   IPO authors confirmed (Azar et al. 2023). Needs lengths.
+``ipo``            ``(Dn - 1/(2 beta))^2``: the scores divided by the lengths (per-token AVERAGE
+                   log-ratios with the default score), as the IPO authors confirmed (Azar et
+                   al. 2023). Needs lengths.
 ``exo_pair``       ``p (log p - log(1-eps)) + q (log q - log eps)``, ``p = sigma(z)``,
                    ``q = sigma(-z)``: the reverse KL of EXO, Ji et al. 2024. Needs eps > 0.
 ``nca_pair``       ``sp(-r_c) + sp(r_c)/2 + sp(r_r)/2`` with ``r = beta u``. NCA, Chen et al. 2024.
-``bco_pair``       ``sp(-(r_c - delta)) + sp(r_r - delta)``: BCO, Jung et al. 2024; ``delta`` is
-                   ``bco_delta`` or the batch mean of the 2B rewards (no gradient through it).
+``bco_pair``       ``sp(-(r_c - delta)) + sp(r_r - delta)``: BCO, Jung et al. 2024. ``delta`` is
+                   ``bco_delta``, default 0 (TRL 1.16); the paper's running mean of the rewards
+                   is kept by a trainer and passed in (no gradient through it).
 ``sppo_hard``      ``(u_c - 1/(2 beta))^2 + (u_r + 1/(2 beta))^2``. SPPO with hard win
                    probabilities, Wu et al. 2024.
 ``aot``            ``pi_c - pi_r`` and ``ref_c - ref_r`` each sorted over the batch;
-                   ``d_k`` = difference of the k-th smallest; sigmoid loss on ``beta d_k``.
+                   ``d_k`` = difference of the k-th smallest; the cdpo loss on ``beta d_k``.
                    Distributional alignment via optimal transport, Melnyk et al. 2024.
                    Per-pair losses come out in sorted order.
 ``aot_unpaired``   as ``aot`` with ``u_c`` and ``u_r`` sorted separately (unpaired data).
@@ -36,26 +39,45 @@ completion tokens, ``|y|`` the completion length in tokens, ``u = pi - ref``, ``
                    model's own.
 ``discopop``       ``(1-m) sp(-z) + m exp(-z)``, ``m = sigma(z / discopop_tau)``. Log-ratio
                    modulated loss discovered by Chris Lu et al. 2024 (DiscoPOP).
-``sigmoid_norm``   sigmoid loss on ``beta (s(v_c) - s(v_r))``: length-normalised DPO. Needs
-                   lengths.
+``sigmoid_norm``   ``sp(-beta Dn)``: length-normalised DPO. Needs lengths. Ignores eps (TRL).
+``cdpo``           ``(1-eps) sp(-z) + eps sp(z)``: conservative DPO, Mitchell 2023 (labels
+                   flipped with probability eps). rlox's name; TRL 1.16 has no such type.
 ``simpo``          ``(1-eps) sp(-x) + eps sp(x)``, ``x = beta (a_c - a_r) - simpo_gamma``.
                    Reference-free; Meng et al. 2024. Needs lengths.
-``cpo``            sigmoid loss on ``beta (pi_c - pi_r)`` plus ``cpo_alpha * (-a_c)``.
-                   Reference-free; Xu et al. 2024. Needs lengths.
+``cpo``            ``(1-eps) sp(-x) + eps sp(x)``, ``x = beta (pi_c - pi_r)``, plus
+                   ``cpo_alpha * (-a_c)`` (token mean per pair). Reference-free; Xu et al. 2024.
+                   Needs lengths.
 ``orpo``           ``-a_c + orpo_alpha sp(-(o(a_c) - o(a_r)))``, log-odds
                    ``o(a) = a - log(1 - exp(a))``. Reference-free; Hong et al. 2024. Needs
                    lengths and log-probs < 0.
-``sft``            ``-a_c``: token-mean NLL of the chosen completion. Needs lengths.
+``sft``            ``-pi_c / m``, ``m = sft_mean_length`` or by default the batch's mean chosen
+                   length ``sum(|y_c|) / B``: the mean over pairs is then the NLL averaged over
+                   ALL chosen tokens of the batch, ``-sum(pi_c) / sum(|y_c|)``. Needs lengths.
 =================  ==========================================================================
+
+``label_smoothing`` (eps) is read by ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired`` (as in
+TRL 1.16), ``cdpo``, and ``simpo`` and ``cpo`` (as in TRL's ``CPOTrainer``); the other types
+ignore it. eps > 0 with none of these in ``loss_type`` is an error (for conservative DPO, use
+``loss_type="cdpo"``).
 
 ``rpo_alpha`` adds ``rpo_alpha * (-a_c)`` to every pair (RPO, Pang et al. 2024). Several types
 at once: ``loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]`` (MPO).
 
+Averages of the chosen NLL: ``sft`` averages over all chosen tokens of the batch (TRL); the
+``rpo_alpha`` term, ``cpo`` and ``orpo`` take each pair's token mean ``-a_c``, then the mean over
+pairs (as their papers do). With gradient accumulation, pass ``sft_mean_length`` = the step's mean
+chosen length so that micro-batches count by their share of chosen tokens.
+
 ``f_divergence`` (Wang et al. 2023, f-DPO) picks ``s``: ``reverse_kl`` ``s(u) = u``;
-``forward_kl`` ``s(u) = -exp(-u)``; ``js_divergence`` ``s(u) = log sigma(u)``;
-``alpha_divergence`` ``s(u) = (1 - exp(-alpha u)) / alpha`` with ``f_alpha_divergence_coef``.
-It applies to the margin losses (sigmoid, robust, hinge, ipo, exo_pair, discopop,
-sigmoid_norm).
+``forward_kl`` ``s(u) = 1 - exp(-u)``; ``js_divergence`` ``s(u) = log 2 + log sigma(u)``;
+``alpha_divergence`` ``s(u) = (exp(t) - 1) / (alpha - 1)``, ``t = min((alpha - 1) u, 80)``,
+``alpha = f_alpha_divergence_coef`` (default 0.5; no gradient beyond the clamp; ``s(u) = u`` when
+``|alpha - 1| < 1e-6``). A non-default divergence is allowed with sigmoid, robust, hinge, ipo,
+exo_pair, discopop, sigmoid_norm and sft (which ignores it), as in TRL, and with cdpo.
+
+``pair_weights`` (WPO, Zhou et al. 2024), (B,) constants ``w >= 0``: every term of pair i (the
+rpo term too) is multiplied by ``w_i``, except ``sft``, which TRL computes as one batch value and
+so is multiplied by ``mean(w)``. Not with ``aot`` / ``aot_unpaired`` (they sort pairs).
 
 Rewards are ``beta * (pi - ref)`` on the summed log-probs for every type, with ``ref = 0`` for
 reference-free use.
@@ -88,6 +110,7 @@ LOSS_TYPES: tuple[str, ...] = (
     "apo_down",
     "discopop",
     "sigmoid_norm",
+    "cdpo",
     "simpo",
     "cpo",
     "orpo",
@@ -104,7 +127,7 @@ LOSS_DEFAULTS: dict[str, Any] = {
     "loss_weights": None,
     "label_smoothing": 0.0,
     "f_divergence": "reverse_kl",
-    "f_alpha_divergence_coef": 1.0,
+    "f_alpha_divergence_coef": 0.5,
     "reference_free": False,
     "simpo_gamma": 0.5,
     "cpo_alpha": 1.0,
@@ -132,9 +155,10 @@ class DPOLossResult(NamedTuple):
     rejected_rewards: Tensor
     """(B,) beta * (policy_rejected_logps - ref_rejected_logps)."""
     component_losses: dict[str, Tensor]
-    """() unweighted mean of each loss component; ``"rpo"`` for the rpo_alpha term."""
+    """() mean of each loss component over pairs, times the pair weights but not its loss
+    weight; ``"rpo"`` for the rpo_alpha term."""
     bco_delta: float | None
-    """The reward shift ``bco_pair`` used, else None."""
+    """The reward shift ``bco_pair`` used (``bco_delta``, else 0.0); None without ``bco_pair``."""
 
 
 def check_loss_options(**options: Any) -> dict[str, Any]:
@@ -227,16 +251,31 @@ def _smoothed(z: Tensor, eps: float) -> Tensor:
     return -(1.0 - eps) * _nsp(z) - eps * _nsp(-z)
 
 
+ALPHA_EXP_MAX = 80.0
+"""Largest exponent ``(alpha - 1) u`` of the alpha-divergence score (TRL's float32 clamp)."""
+ALPHA_IDENTITY_TOL = 1e-6
+"""``|alpha - 1|`` below which the alpha-divergence score is ``u`` (the reverse-KL limit)."""
+
+
+def _expm1(x: Tensor) -> Tensor:
+    """``exp(x) - 1`` with expm1's value and ``exp(x)`` as its derivative (expm1's own backward
+    forms ``result + 1``, which cancels when ``exp(x) << 1``)."""
+    e1 = torch.exp(x) - 1.0
+    return e1 + (torch.expm1(x) - e1).detach()
+
+
 def _score(u: Tensor, f_divergence: str, alpha: float) -> Tensor:
+    """(B,) f-divergence score ``s(u)`` of TRL 1.16 (see the module docstring)."""
     if f_divergence == "reverse_kl":
         return u
     if f_divergence == "js_divergence":
-        return _nsp(u)
+        return math.log(2.0) + _nsp(u)
     if f_divergence == "forward_kl":
-        return -torch.exp(-u)
-    # (1 - e^(-a u)) / a written with exp, not expm1: expm1's backward (result + 1) cancels
-    # when e^(-a u) << 1.
-    return (1.0 - torch.exp(-alpha * u)) / alpha
+        return -_expm1(-u)
+    k = alpha - 1.0
+    if abs(k) < ALPHA_IDENTITY_TOL:
+        return u
+    return _expm1(torch.clamp(k * u, max=ALPHA_EXP_MAX)) / k
 
 
 def _torch_terms(
@@ -248,26 +287,30 @@ def _torch_terms(
     lr: Tensor | None,
     o: dict[str, Any],
     terms: list[tuple[str, float]],
+    weights: Tensor | None = None,
+    sft_len: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], float | None]:
-    """Pure-torch (B,) per-pair losses, the (B,) components and the BCO shift."""
+    """Pure-torch (B,) per-pair losses, the (B,) components (times the (B,) pair ``weights``)
+    and the BCO shift."""
     beta, eps = o["beta"], o["label_smoothing"]
     uc = pc if rc is None else pc - rc
     ur = pr if rr is None else pr - rr
     div, alpha = o["f_divergence"], o["f_alpha_divergence_coef"]
     if lc is not None:
+        if sft_len is None:
+            sft_len = float(lc.sum()) / lc.shape[0]
         lc, lr = lc.to(pc.dtype), lr.to(pc.dtype)
         ac, ar = pc / lc, pr / lr
-        vc, vr = uc / lc, ur / lr
     delta = None
     if any(t == "bco_pair" for t, _ in terms):
-        delta = o["bco_delta"]
-        if delta is None:
-            delta = float(beta * torch.cat([uc, ur]).detach().double().mean())
+        delta = 0.0 if o["bco_delta"] is None else float(o["bco_delta"])
 
     def term(t: str) -> Tensor:
-        if t in ("sigmoid", "robust", "hinge", "exo_pair", "discopop"):
+        if t in ("sigmoid", "cdpo", "robust", "hinge", "exo_pair", "discopop"):
             z = beta * (_score(uc, div, alpha) - _score(ur, div, alpha))
             if t == "sigmoid":
+                return -_nsp(z)
+            if t == "cdpo":
                 return _smoothed(z, eps)
             if t == "robust":
                 return (-(1.0 - eps) * _nsp(z) + eps * _nsp(-z)) / (1.0 - 2.0 * eps)
@@ -281,10 +324,10 @@ def _torch_terms(
             m = torch.sigmoid(z / tau)
             return (1.0 - m) * -_nsp(z) + torch.exp(-z + _nsp(z / tau))
         if t in ("ipo", "sigmoid_norm"):
-            d = _score(vc, div, alpha) - _score(vr, div, alpha)
+            d = _score(uc, div, alpha) / lc - _score(ur, div, alpha) / lr
             if t == "ipo":
                 return (d - 1.0 / (2.0 * beta)) ** 2
-            return _smoothed(beta * d, eps)
+            return -_nsp(beta * d)
         if t == "nca_pair":
             return -_nsp(beta * uc) - 0.5 * _nsp(-beta * uc) - 0.5 * _nsp(-beta * ur)
         if t == "bco_pair":
@@ -314,17 +357,23 @@ def _torch_terms(
             odds_r = ar - torch.log(-torch.expm1(ar))
             return -ac - o["orpo_alpha"] * _nsp(odds_c - odds_r)
         if t == "sft":
-            return -ac
+            return -pc / sft_len
         raise AssertionError(t)  # pragma: no cover - names were validated
+
+    def weigh(t: str, c: Tensor) -> Tensor:
+        if weights is None:
+            return c
+        # sft is one batch value in TRL, multiplied per pair: its mean counts mean(w) times
+        return c * float(weights.double().mean()) if t == "sft" else c * weights
 
     components: dict[str, Tensor] = {}
     total = None
     for t, w in terms:
-        c = term(t)
+        c = weigh(t, term(t))
         components[t] = c
         total = w * c if total is None else total + w * c
     if o["rpo_alpha"] is not None:
-        components["rpo"] = -ac
+        components["rpo"] = weigh("rpo", -ac)
         total = total + o["rpo_alpha"] * components["rpo"]
     return total, components, delta
 
@@ -333,7 +382,7 @@ class _RustDPOLoss(torch.autograd.Function):
     """Forward through the Rust kernel; backward reuses the gradients it already computed."""
 
     @staticmethod
-    def forward(ctx, pc, pr, rc, rr, lc, lr, options, terms, meta):  # noqa: D102
+    def forward(ctx, pc, pr, rc, rr, lc, lr, w, sft_len, options, terms, meta):  # noqa: D102
         def arr(t: Tensor | None):
             if t is None:
                 return None
@@ -349,6 +398,8 @@ class _RustDPOLoss(torch.autograd.Function):
             arr(rr),
             chosen_lengths=arr(lc),
             rejected_lengths=arr(lr),
+            pair_weights=arr(w),
+            sft_mean_length=sft_len,
             **options,
         )
         grad_c = torch.from_numpy(out.grad_chosen)
@@ -358,7 +409,7 @@ class _RustDPOLoss(torch.autograd.Function):
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (pc, pr, rc, rr))
         # Sorted losses mix pairs, and reference-free terms leave the reference out: their
         # per-pair and reference gradients are taken by autograd through the torch path.
-        ctx.saved = (pc, pr, rc, rr, lc, lr, options, terms)
+        ctx.saved = (pc, pr, rc, rr, lc, lr, options, terms, w, sft_len)
         ctx.sorted = terms[0][0] in SORTED_TYPES
         ctx.partly_free = options["rpo_alpha"] is not None or any(
             t in REFERENCE_FREE for t, _ in terms
@@ -392,30 +443,26 @@ class _RustDPOLoss(torch.autograd.Function):
             gc = scale * grad_c if gc is None else gc + scale * grad_c
             gr = scale * grad_r if gr is None else gr + scale * grad_r
         if gc is None:
-            return (None,) * 9
+            return (None,) * 11
         d_pc, d_pr, d_rc, d_rr = ctx.dtypes
         return (
             gc.to(d_pc) if need[0] else None,
             gr.to(d_pr) if need[1] else None,
             (-gc).to(d_rc) if need[2] else None,
             (-gr).to(d_rr) if need[3] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 7,
         )
 
 
 def _autograd_backward(saved, g_loss, g_losses, need) -> tuple[Tensor | None, ...]:
     """Gradients by autograd through the torch path, for the cases the kernel's do not cover."""
-    pc, pr, rc, rr, lc, lr, options, terms = saved
+    pc, pr, rc, rr, lc, lr, options, terms, w, sft_len = saved
     leaves = [
         None if t is None else t.detach().requires_grad_(bool(need[i]))
         for i, t in enumerate((pc, pr, rc, rr))
     ]
     with torch.enable_grad():
-        losses, _, _ = _torch_terms(*leaves, lc, lr, options, terms)
+        losses, _, _ = _torch_terms(*leaves, lc, lr, options, terms, w, sft_len)
         total = 0.0
         if g_loss is not None:
             total = total + losses.mean() * g_loss
@@ -424,7 +471,84 @@ def _autograd_backward(saved, g_loss, g_losses, need) -> tuple[Tensor | None, ..
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(total, wanted, allow_unused=True))
     out = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
-    return (*out, None, None, None, None, None)
+    return (*out, *(None,) * 7)
+
+
+def _check_presence(info: dict[str, Any], terms, logps, lengths) -> None:
+    """References and lengths: both or neither, and present where the loss needs them."""
+    for name in ("ref_chosen_logps", "ref_rejected_logps"):
+        given = logps[_NAMES.index(name)] is not None
+        if not given and (info["needs_reference"] or any(x is not None for x in logps[2:])):
+            raise ValueError(
+                f"{name}: is missing; loss_type {terms[0][0]!r} compares the policy with a "
+                "reference (pass both reference log-probs, or reference_free=True)"
+            )
+    for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
+        if t is None and (info["needs_lengths"] or any(x is not None for x in lengths)):
+            raise ValueError(
+                f"{name}: loss {[t for t, _ in terms]} averages log-probs per token and needs "
+                "completion lengths"
+            )
+
+
+def _check_weights(
+    pair_weights: Tensor | None, sft_mean_length: float | None, pc: Tensor, terms
+) -> Tensor | None:
+    """Validate ``pair_weights`` and ``sft_mean_length``; the (B,) weights as constants in the
+    dtype and on the device of ``pc``."""
+    if sft_mean_length is not None:
+        if isinstance(sft_mean_length, bool) or not isinstance(sft_mean_length, numbers.Real):
+            raise TypeError(
+                f"sft_mean_length: expected a float, got {type(sft_mean_length).__name__}"
+            )
+        if not (math.isfinite(sft_mean_length) and sft_mean_length > 0):
+            raise ValueError(f"sft_mean_length: must be a finite number > 0, got {sft_mean_length}")
+    if pair_weights is None:
+        return None
+    if not isinstance(pair_weights, Tensor):
+        raise TypeError(f"pair_weights: expected a torch.Tensor, got {type(pair_weights).__name__}")
+    if not pair_weights.is_floating_point():
+        raise TypeError(f"pair_weights: must be a floating tensor, got {pair_weights.dtype}")
+    sorting = [t for t, _ in terms if t in SORTED_TYPES]
+    if sorting:
+        raise ValueError(
+            f"pair_weights: loss_type {sorting[0]!r} sorts pairs within the batch, so per-pair "
+            "weights would be misaligned; pass pair_weights=None"
+        )
+    if pair_weights.shape != pc.shape:
+        raise ValueError(
+            f"pair_weights: must have shape {tuple(pc.shape)} like the log-probs, "
+            f"got {tuple(pair_weights.shape)}"
+        )
+    w = pair_weights.detach()
+    _first_bad("pair_weights", ~(torch.isfinite(w) & (w >= 0)), "must be a finite number >= 0")
+    return w.to(device=pc.device, dtype=pc.dtype)
+
+
+def _torch_path(logps, lengths, options, terms, w, sft_len) -> DPOLossResult:
+    """:func:`dpo_loss` in pure PyTorch, after the checks the kernel would make."""
+    for name, t in zip(_NAMES, logps, strict=True):
+        if t is not None:
+            _first_bad(name, ~torch.isfinite(t.detach()), "log-prob is NaN or infinite")
+    for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
+        if t is not None:
+            _first_bad(name, (t <= 0) | (t >= 2**31), "completion length must be in [1, 2^31)")
+    if any(t == "orpo" for t, _ in terms):
+        for name, t in zip(_NAMES[:2], logps[:2], strict=True):
+            _first_bad(
+                name,
+                t.detach() >= 0,
+                'loss_type "orpo" needs log-probs < 0 (the odds of probability 1 are infinite)',
+            )
+    pc, pr, rc, rr = logps
+    lc, lr = lengths
+    losses, comps, delta = _torch_terms(pc, pr, rc, rr, lc, lr, options, terms, w, sft_len)
+    beta = options["beta"]
+    with torch.no_grad():
+        r_c = beta * (pc if rc is None else pc - rc)
+        r_r = beta * (pr if rr is None else pr - rr)
+        components = {k: v.detach().mean() for k, v in comps.items()}
+    return DPOLossResult(losses.mean(), losses, r_c, r_r, components, delta)
 
 
 def dpo_loss(
@@ -440,7 +564,7 @@ def dpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
     f_divergence: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 1.0,
+    f_alpha_divergence_coef: float = 0.5,
     reference_free: bool = False,
     simpo_gamma: float = 0.5,
     cpo_alpha: float = 1.0,
@@ -448,6 +572,8 @@ def dpo_loss(
     rpo_alpha: float | None = None,
     discopop_tau: float = 0.05,
     bco_delta: float | None = None,
+    pair_weights: Tensor | None = None,
+    sft_mean_length: float | None = None,
     backend: str = "auto",
 ) -> DPOLossResult:
     """Differentiable preference loss over (B,) summed completion log-probs.
@@ -457,6 +583,14 @@ def dpo_loss(
     completion token counts, required by ``ipo``, ``sigmoid_norm``, ``simpo``, ``cpo``,
     ``orpo``, ``sft`` and ``rpo_alpha``. Reference log-probs may be None for reference-free
     types or with ``reference_free=True`` (which reads them as 0 for any type).
+
+    ``bco_delta``: the ``bco_pair`` reward shift (None: no shift, TRL 1.16's loss); the result's
+    ``bco_delta`` is the shift used.
+
+    ``pair_weights``: (B,) floating weights >= 0 (WPO), constants cast to the log-probs' dtype;
+    each pair's loss is multiplied by its weight, the ``sft`` term by their mean.
+    ``sft_mean_length``: the length ``m`` of the ``sft`` term ``-pi_c / m`` (> 0; default the
+    batch's mean chosen length); ignored by the other types.
 
     ``backend="auto"`` uses the Rust kernel for CPU tensors and PyTorch elsewhere; ``"rust"`` or
     ``"torch"`` force one (``"rust"`` needs CPU tensors).
@@ -485,47 +619,15 @@ def dpo_loss(
     lengths = (chosen_lengths, rejected_lengths)
     _check_tensors(logps, lengths)
     terms = [(t, float(w)) for t, w in info["terms"]]
-    for name in ("ref_chosen_logps", "ref_rejected_logps"):
-        given = logps[_NAMES.index(name)] is not None
-        if not given and (info["needs_reference"] or any(x is not None for x in logps[2:])):
-            raise ValueError(
-                f"{name}: is missing; loss_type {terms[0][0]!r} compares the policy with a "
-                "reference (pass both reference log-probs, or reference_free=True)"
-            )
-    for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
-        if t is None and (info["needs_lengths"] or any(x is not None for x in lengths)):
-            raise ValueError(
-                f"{name}: loss {[t for t, _ in terms]} averages log-probs per token and needs "
-                "completion lengths"
-            )
-    present = [t for t in logps if t is not None]
-    on_cpu = all(t.device.type == "cpu" for t in present)
+    _check_presence(info, terms, logps, lengths)
+    w = _check_weights(pair_weights, sft_mean_length, policy_chosen_logps, terms)
+    sft_len = None if sft_mean_length is None else float(sft_mean_length)
+    on_cpu = all(t.device.type == "cpu" for t in logps if t is not None)
     if backend == "rust" and not on_cpu:
         raise ValueError("backend: 'rust' needs CPU tensors")
-    if backend == "rust" or (backend == "auto" and on_cpu):
-        meta: dict[str, Any] = {}
-        loss, losses, rc, rr = _RustDPOLoss.apply(*logps, *lengths, options, terms, meta)
-        components = {k: torch.tensor(v, dtype=loss.dtype) for k, v in meta["components"].items()}
-        return DPOLossResult(loss, losses, rc, rr, components, meta["bco_delta"])
-
-    for name, t in zip(_NAMES, logps, strict=True):
-        if t is not None:
-            _first_bad(name, ~torch.isfinite(t.detach()), "log-prob is NaN or infinite")
-    for name, t in zip(("chosen_lengths", "rejected_lengths"), lengths, strict=True):
-        if t is not None:
-            _first_bad(name, (t <= 0) | (t >= 2**31), "completion length must be in [1, 2^31)")
-    if any(t == "orpo" for t, _ in terms):
-        for name, t in zip(_NAMES[:2], logps[:2], strict=True):
-            _first_bad(
-                name,
-                t.detach() >= 0,
-                'loss_type "orpo" needs log-probs < 0 (the odds of probability 1 are infinite)',
-            )
-    pc, pr, rc, rr = logps
-    lc, lr = lengths
-    losses, comps, delta = _torch_terms(pc, pr, rc, rr, lc, lr, options, terms)
-    with torch.no_grad():
-        r_c = beta * (pc if rc is None else pc - rc)
-        r_r = beta * (pr if rr is None else pr - rr)
-        components = {k: v.detach().mean() for k, v in comps.items()}
-    return DPOLossResult(losses.mean(), losses, r_c, r_r, components, delta)
+    if backend == "torch" or (backend == "auto" and not on_cpu):
+        return _torch_path(logps, lengths, options, terms, w, sft_len)
+    meta: dict[str, Any] = {}
+    loss, losses, rc, rr = _RustDPOLoss.apply(*logps, *lengths, w, sft_len, options, terms, meta)
+    components = {k: torch.tensor(v, dtype=loss.dtype) for k, v in meta["components"].items()}
+    return DPOLossResult(loss, losses, rc, rr, components, meta["bco_delta"])

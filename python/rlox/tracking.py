@@ -21,7 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "RECORD_METRICS", "MetricsWriter", "format_record", "make_record"]
+__all__ = [
+    "METRICS_FILE",
+    "RECORD_METRICS",
+    "MetricsWriter",
+    "format_record",
+    "make_record",
+    "scalars",
+]
 
 METRICS_FILE = "metrics.jsonl"
 RECORD_METRICS = (
@@ -62,6 +69,17 @@ def make_record(
         if key.startswith("loss_"):
             record[key] = _clean(float(metrics[key]))
     return record
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, int | float]:
+    """The numbers of ``record`` keyed ``<split>/<key>`` (``null`` values, step and time left out),
+    as TensorBoard and the trackers of ``report_to`` log them at ``record["step"]``."""
+    skip = ("step", "split", "time")
+    return {
+        f"{record['split']}/{key}": value
+        for key, value in record.items()
+        if key not in skip and isinstance(value, int | float)
+    }
 
 
 def format_record(record: Mapping[str, Any]) -> str:
@@ -125,10 +143,8 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key not in ("step", "split", "time") and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{record['split']}/{key}", value, step)
+            for tag, value in scalars(record).items():
+                self._tb.add_scalar(tag, value, record["step"])
             self._tb.flush()
 
     def close(self) -> None:

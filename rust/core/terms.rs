@@ -91,7 +91,6 @@ pub struct Params<T> {
     pub orpo_alpha: T,
     pub tau: T,
     pub tau_le_one: bool,
-    pub alpha: T,
     pub delta: T,
 }
 
@@ -102,9 +101,16 @@ pub struct Out<'a, T> {
     pub dcr: &'a mut [T],
 }
 
-/// Loss on the margin `z = beta * (xc - xr)`: sigmoid / sigmoid_norm (smoothed logistic).
+/// DPO on the margin `z = beta * (xc - xr)`: `softplus(-z)` (sigmoid / sigmoid_norm, which
+/// ignore label smoothing as TRL 1.16 does).
 #[inline(always)]
 pub fn sigmoid<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
+    margin!(p, xc, xr, o, |z| smoothed::<T, false>(z, p.eps));
+}
+
+/// Conservative DPO: `(1-eps) softplus(-z) + eps softplus(z)`, `z = beta * (xc - xr)`.
+#[inline(always)]
+pub fn cdpo<T: Real>(p: &Params<T>, xc: &[T], xr: &[T], o: Out<'_, T>) {
     if p.smooth {
         margin!(p, xc, xr, o, |z| smoothed::<T, true>(z, p.eps));
     } else {
@@ -286,7 +292,7 @@ pub fn simpo<T: Real>(p: &Params<T>, [pc, pr]: [&[T]; 2], [ilc, ilr]: [&[T]; 2],
 #[inline(always)]
 pub fn cpo<T: Real>(p: &Params<T>, pc: &[T], pr: &[T], ilc: &[T], o: Out<'_, T>) {
     let m = o.comp.len();
-    sigmoid(
+    cdpo(
         p,
         pc,
         pr,
@@ -346,30 +352,6 @@ pub fn nll<T: Real>(pc: &[T], ilc: &[T], o: Out<'_, T>) {
         o.comp[i] = -(pc[i] * ilc[i]);
         dcc[i] = -ilc[i];
         dcr[i] = T::ZERO;
-    }
-}
-
-/// f-divergence scores `s(u)` and `s'(u)` of the non-default divergences.
-#[inline(always)]
-pub fn alpha_scores<T: Real>(alpha: T, u: &[T], s: &mut [T], ds: &mut [T]) {
-    let m = s.len();
-    let (u, ds) = (&u[..m], &mut ds[..m]);
-    for i in 0..m {
-        let x = -(alpha * u[i]);
-        s[i] = -(x.expm1_fast() / alpha);
-        ds[i] = x.exp_any();
-    }
-}
-
-/// Jensen-Shannon scores: `s(u) = log sigma(u)`, `s'(u) = sigma(-u)`.
-#[inline(always)]
-pub fn js_scores<T: Real>(u: &[T], s: &mut [T], ds: &mut [T]) {
-    let m = s.len();
-    let (u, ds) = (&u[..m], &mut ds[..m]);
-    for i in 0..m {
-        let g = logistic(u[i]);
-        s[i] = -g.sp_neg;
-        ds[i] = g.sig_neg;
     }
 }
 

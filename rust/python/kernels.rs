@@ -71,10 +71,12 @@ pub struct DPOLossOutput {
     /// Mean rejected reward.
     #[pyo3(get)]
     rejected_reward: f64,
-    /// Unweighted mean of each loss component by name (`"rpo"` for the rpo_alpha term).
+    /// Mean of each loss component over pairs by name (`"rpo"` for the rpo_alpha term): times
+    /// the pair weights, not times its loss weight.
     #[pyo3(get)]
     component_losses: Py<PyDict>,
-    /// The reward shift `bco_pair` used; None for other loss types.
+    /// The reward shift `bco_pair` used (`bco_delta`, else 0.0 as in TRL 1.16); None without
+    /// `bco_pair`.
     #[pyo3(get)]
     bco_delta: Option<f64>,
 }
@@ -144,11 +146,13 @@ fn as_slice<'a, T: Element>(a: Option<&'a PyReadonlyArray1<'_, T>>) -> Option<&'
     a.map(|a| a.as_slice().expect("contiguous"))
 }
 
+/// The kernel over `arrays` (the four log-prob arrays, then the pair weights) and `lengths`.
 fn run_loss<'py, T: Real + Element>(
     py: Python<'py>,
     cfg: &LossConfig,
-    arrays: [Option<&PyReadonlyArray1<'py, T>>; 4],
+    arrays: [Option<&PyReadonlyArray1<'py, T>>; 5],
     lengths: [Option<&PyReadonlyArray1<'py, i64>>; 2],
+    sft_mean_length: Option<f64>,
 ) -> PyResult<DPOLossOutput> {
     let lens = lengths.map(|l| l.map(|a| a.as_slice().expect("contiguous")));
     let n = arrays[0].expect("policy").len();
@@ -175,6 +179,8 @@ fn run_loss<'py, T: Real + Element>(
         ref_rejected: as_slice(arrays[3]),
         chosen_lengths: lens[0],
         rejected_lengths: lens[1],
+        pair_weights: as_slice(arrays[4]),
+        sft_mean_length,
     };
     let summary = py
         .detach(|| core_loss(cfg, &inputs, outputs))
@@ -337,14 +343,15 @@ impl<'py> LossArgs<'_, 'py> {
         ref_rejected_logps=None, *, beta=None, loss_type=None, loss_weights=None,
         label_smoothing=None, chosen_lengths=None, rejected_lengths=None, f_divergence=None,
         f_alpha_divergence_coef=None, reference_free=None, simpo_gamma=None, cpo_alpha=None,
-        orpo_alpha=None, rpo_alpha=None, discopop_tau=None, bco_delta=None
+        orpo_alpha=None, rpo_alpha=None, discopop_tau=None, bco_delta=None, pair_weights=None,
+        sft_mean_length=None
     ),
     text_signature = "(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, \
         ref_rejected_logps=None, *, beta=0.1, loss_type='sigmoid', loss_weights=None, \
         label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None, \
-        f_divergence='reverse_kl', f_alpha_divergence_coef=1.0, reference_free=False, \
+        f_divergence='reverse_kl', f_alpha_divergence_coef=0.5, reference_free=False, \
         simpo_gamma=0.5, cpo_alpha=1.0, orpo_alpha=0.1, rpo_alpha=None, discopop_tau=0.05, \
-        bco_delta=None)"
+        bco_delta=None, pair_weights=None, sft_mean_length=None)"
 )]
 #[allow(clippy::too_many_arguments)]
 fn dpo_loss<'py>(
@@ -368,6 +375,8 @@ fn dpo_loss<'py>(
     rpo_alpha: Option<&Bound<'py, PyAny>>,
     discopop_tau: Option<&Bound<'py, PyAny>>,
     bco_delta: Option<&Bound<'py, PyAny>>,
+    pair_weights: Option<&Bound<'py, PyAny>>,
+    sft_mean_length: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<DPOLossOutput> {
     let cfg = LossArgs([
         loss_type,
@@ -385,13 +394,17 @@ fn dpo_loss<'py>(
         bco_delta,
     ])
     .config()?;
+    let sft_mean_length = optional(sft_mean_length)
+        .map(|o| float_arg("sft_mean_length", Some(o), 0.0))
+        .transpose()?;
     let objs = [
         Some(policy_chosen_logps),
         Some(policy_rejected_logps),
         optional(ref_chosen_logps),
         optional(ref_rejected_logps),
+        optional(pair_weights),
     ];
-    let mut arrays = Vec::with_capacity(4);
+    let mut arrays = Vec::with_capacity(LOSS_INPUTS.len());
     for (name, obj) in LOSS_INPUTS.iter().zip(objs) {
         arrays.push(obj.map(|o| float_array(name, o)).transpose()?);
     }
@@ -418,8 +431,8 @@ fn dpo_loss<'py>(
         return Err(to_py(RloxError::type_error(
             LOSS_INPUTS[k],
             format!(
-                "dtype differs from policy_chosen_logps ({}); pass all log-probs as float32 or \
-                 all as float64",
+                "dtype differs from policy_chosen_logps ({}); pass all log-probs (and \
+                 pair_weights) as float32 or all as float64",
                 if first_is_32 { "float32" } else { "float64" }
             ),
         )));
@@ -429,25 +442,27 @@ fn dpo_loss<'py>(
             Some(Floats::F32(x)) => Some(x),
             _ => None,
         });
-        run_loss(py, &cfg, collect4(a), lens_ref)
+        run_loss(py, &cfg, collect(a), lens_ref, sft_mean_length)
     } else {
         let a = arrays.iter().map(|a| match a {
             Some(Floats::F64(x)) => Some(x),
             _ => None,
         });
-        run_loss(py, &cfg, collect4(a), lens_ref)
+        run_loss(py, &cfg, collect(a), lens_ref, sft_mean_length)
     }
 }
 
-const LOSS_INPUTS: [&str; 4] = [
+/// The float array inputs of `dpo_loss`, in the order `run_loss` takes them.
+const LOSS_INPUTS: [&str; 5] = [
     "policy_chosen_logps",
     "policy_rejected_logps",
     "ref_chosen_logps",
     "ref_rejected_logps",
+    "pair_weights",
 ];
 
-fn collect4<X>(mut it: impl Iterator<Item = X>) -> [X; 4] {
-    std::array::from_fn(|_| it.next().expect("four inputs"))
+fn collect<X>(mut it: impl Iterator<Item = X>) -> [X; 5] {
+    std::array::from_fn(|_| it.next().expect("five inputs"))
 }
 
 /// Validate loss options (the keywords of `dpo_loss`) without computing anything; returns

@@ -21,10 +21,10 @@ from torch import Tensor, nn
 
 from rlox.batch import PairBatch, collate_pairs
 from rlox.data import PreferenceDataset
-from rlox.losses import check_loss_options, dpo_loss
+from rlox.losses import SORTED_TYPES, check_loss_options
 from rlox.optimizers import default_optimizer
 from rlox.tracking import RECORD_METRICS
-from rlox.train import loop, reference, saved
+from rlox.train import dropout, loop, objective, reference, saved
 from rlox.train.config import DPOConfig, EvalConfig, FitConfig, ReferenceConfig
 from rlox.train.distributed import process_group, unwrap
 from rlox.train.logps import (
@@ -34,7 +34,9 @@ from rlox.train.logps import (
     sequence_logps,
 )
 from rlox.train.loop import FitResult, fit_step, schedule_factor
+from rlox.train.moe import router_aux_coef
 from rlox.train.reference import CachedReference, ReferenceLogps, weights_digest
+from rlox.train.sync import ReferenceSync
 
 __all__ = [
     "DPO",
@@ -73,8 +75,7 @@ class DPO:
             ``loss_weights``; see :mod:`rlox.losses` for every formula.
         label_smoothing, f_divergence, f_alpha_divergence_coef, reference_free, simpo_gamma,
             cpo_alpha, orpo_alpha, rpo_alpha, discopop_tau: loss options of
-            :func:`rlox.losses.dpo_loss`. ``bco_pair`` shifts rewards by their running mean over
-            all steps so far.
+            :func:`rlox.losses.dpo_loss`.
         ld_alpha: LD-DPO weight of the tokens beyond the shorter completion of each pair
             (``None``: 1), applied where log-probs are summed, so in every layout.
         pad_token_id: id of padding in the input matrices (``None``: no padding).
@@ -82,6 +83,21 @@ class DPO:
         precomputed_reference: without ``ref_model``, read the reference log-probs that
             :meth:`precompute_reference` stored with each dataset given to :meth:`fit` /
             :meth:`evaluate`.
+        disable_dropout: set every dropout probability of the policy and the reference to 0
+            (:func:`rlox.train.dropout.disable_dropout`), so that a policy equal to its
+            reference gives loss log 2.
+        use_weighting: WPO (Zhou et al. 2024): each pair's loss is multiplied by ``w_c * w_r``,
+            ``w = exp(mean over the completion of log p(y_t) - log sum_v p(v)^2)`` under the
+            policy, without gradient. Not with ``aot`` / ``aot_unpaired``.
+        sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps: TR-DPO: every
+            ``ref_model_sync_steps`` optimizer steps the reference becomes
+            ``alpha * policy + (1 - alpha) * reference`` (:mod:`rlox.train.sync`). Needs a
+            separate ``ref_model``; not with a peft reference or precomputed reference log-probs.
+        router_aux_loss_coef: weight of a mixture-of-experts model's router load-balancing loss
+            added to the loss (``None``: the model config's ``router_aux_loss_coef``; 0: off).
+            Set and non-zero on a model without router logits: ``ValueError``.
+        bco_running_mean: ``bco_pair`` shifts rewards by their running mean over all training
+            batches so far (the BCO paper; kept in checkpoints). Off: no shift, as in TRL 1.16.
     """
 
     def __init__(
@@ -96,7 +112,7 @@ class DPO:
         loss_weights: list[float] | tuple[float, ...] | None = None,
         label_smoothing: float = 0.0,
         f_divergence: str = "reverse_kl",
-        f_alpha_divergence_coef: float = 1.0,
+        f_alpha_divergence_coef: float = 0.5,
         reference_free: bool = False,
         simpo_gamma: float = 0.5,
         cpo_alpha: float = 1.0,
@@ -107,6 +123,13 @@ class DPO:
         pad_token_id: int | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         precomputed_reference: bool = False,
+        disable_dropout: bool = True,
+        use_weighting: bool = False,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
+        router_aux_loss_coef: float | None = None,
+        bco_running_mean: bool = False,
     ) -> None:
         config = DPOConfig.from_arguments(_fields_of(DPOConfig, locals()))
         self._loss_options = config.loss_options()
@@ -115,7 +138,8 @@ class DPO:
         peft_reference = _check_models(
             model, ref_model, config.loss_type, needs_reference, precomputed_reference
         )
-        self.config = config.checked()
+        self.config = config = config.checked()
+        _check_options(config, ref_model, peft_reference, precomputed_reference)
         self.model = model
         # The reference is not needed (and not run) when every term is reference-free.
         self.ref_model = (
@@ -141,11 +165,27 @@ class DPO:
         else:
             self._ref_kwargs = self._policy_kwargs if peft_reference else None
         self._components = tuple(info["components"])
-        self._uses_bco = any(t == "bco_pair" for t, _ in info["terms"])
+        self._uses_bco = config.bco_running_mean and any(t == "bco_pair" for t, _ in info["terms"])
         # Running mean of the rewards (BCO's shift): sum and count of all rewards seen in training.
         self.bco_reward_sum = 0.0
         self.bco_reward_count = 0
         self._autocast: torch.dtype | None = None
+        self._aux_coef = router_aux_coef(model, config.router_aux_loss_coef)
+        if config.disable_dropout:
+            dropout.disable_dropout(unwrap(model))
+            if self.ref_model is not None:
+                dropout.disable_dropout(self.ref_model)
+        self._sync = (
+            ReferenceSync(
+                model, self.ref_model, config.ref_model_mixup_alpha, config.ref_model_sync_steps
+            )
+            if config.sync_ref_model and self.ref_model is not None
+            else None
+        )
+        if config.sync_ref_model and self._sync is None:
+            raise ValueError(
+                f"sync_ref_model: loss_type {config.loss_type!r} runs no reference model to move"
+            )
 
     def collate(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         """Re-pack id matrices with this trainer's ``pad_token_id`` (see :func:`collate_pairs`)."""
@@ -162,29 +202,8 @@ class DPO:
         return self.ref_model is not None or self._peft_reference
 
     def _reference_logps(self, batch: PairBatch) -> Tensor:
-        """(2B,) float32 reference log-probs from the reference model or the adapter-free policy."""
-        ld_alpha, autocast = self.config.ld_alpha, self._autocast
-        if self.ref_model is not None:
-            with torch.no_grad():
-                return sequence_logps(
-                    self.ref_model, batch, self._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
-                )
-        if self._peft_reference:
-            model = unwrap(self.model)
-            modes = [(m, m.training) for m in model.modules()]
-            model.eval()
-            try:
-                with model.disable_adapter(), torch.no_grad():
-                    return sequence_logps(
-                        model, batch, self._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
-                    )
-            finally:
-                for m, mode in modes:
-                    m.training = mode
-        raise ValueError(
-            "ref_model: this trainer has no reference model; its reference log-probs are read "
-            "from DPO.precompute_reference caches, which only fit() and evaluate() use"
-        )
+        """(2B,) float32 reference log-probs (see :func:`rlox.train.objective.reference_logps`)."""
+        return objective.reference_logps(self, batch)
 
     def _loss(
         self,
@@ -193,86 +212,32 @@ class DPO:
         training: bool = False,
         ref: Tensor | None = None,
         nan_loss: bool = False,
+        sft_mean_length: float | None = None,
     ) -> tuple[Tensor | None, dict[str, float]]:
-        """The differentiable loss and the metrics.
-
-        ``training`` folds the batch's rewards into the running BCO shift and runs the policy as
-        given (a ``DistributedDataParallel`` wrapper included); otherwise the wrapped module
-        runs. ``ref``: precomputed (2B,) reference log-probs. When log-probs are not finite the
-        loss is None, or with ``nan_loss`` a NaN loss that still back-propagates (so that all
-        ranks of a distributed run take part in the gradient reduction).
-        """
-        b = batch.num_pairs
-        cfg = self.config
-        # Training goes through a DDP wrapper (its gradient hooks); evaluation needs none.
-        model = self.model if training else unwrap(self.model)
-        batch = batch.to(next(model.parameters()).device)  # once, for policy and reference
-        policy = sequence_logps(
-            model, batch, self._policy_kwargs, ld_alpha=cfg.ld_alpha, autocast=self._autocast
+        """The differentiable loss and the metrics (:func:`rlox.train.objective.batch_loss`)."""
+        return objective.batch_loss(
+            self,
+            batch,
+            training=training,
+            ref=ref,
+            nan_loss=nan_loss,
+            sft_mean_length=sft_mean_length,
         )
-        with torch.no_grad():
-            if ref is None and self._needs_reference:
-                ref = self._reference_logps(batch)
-            if ref is not None:
-                ref = ref.to(device=policy.device, dtype=policy.dtype)
-            finite = torch.isfinite(policy).all()
-            if ref is not None:
-                finite &= torch.isfinite(ref).all()
-        if not bool(finite):
-            metrics = dict.fromkeys(RECORD_METRICS, math.nan)
-            metrics["chosen_logps"] = policy[:b].detach().double().mean().item()
-            metrics["rejected_logps"] = policy[b:].detach().double().mean().item()
-            return (policy.sum() * math.nan if nan_loss else None), metrics
-        options = dict(self._loss_options)
-        if self._uses_bco:
-            options["bco_delta"] = self._bco_delta(policy, ref, b, training)
-        if "orpo" in self._components:
-            # A log-prob that rounds to 0 has infinite odds; keep it just below.
-            policy = policy.clamp(max=-1e-6)
-        res = dpo_loss(
-            policy[:b],
-            policy[b:],
-            None if ref is None else ref[:b],
-            None if ref is None else ref[b:],
-            chosen_lengths=batch.chosen_lengths.to(policy.device),
-            rejected_lengths=batch.rejected_lengths.to(policy.device),
-            **options,
-        )
-        with torch.no_grad():
-            rc, rr = res.chosen_rewards.double(), res.rejected_rewards.double()
-            values = {
-                "loss": res.loss.detach().double(),
-                "reward_accuracy": (rc > rr).double().mean(),
-                "reward_margin": (rc - rr).mean(),
-                "chosen_reward": rc.mean(),
-                "rejected_reward": rr.mean(),
-                "chosen_logps": policy[:b].detach().double().mean(),
-                "rejected_logps": policy[b:].detach().double().mean(),
-            }
-            if len(self._components) > 1:
-                for name, value in res.component_losses.items():
-                    values[f"loss_{name}"] = torch.as_tensor(
-                        value, dtype=torch.float64, device=rc.device
-                    )
-            stats = torch.stack(list(values.values())).tolist()  # one device-to-host read
-        return res.loss, dict(zip(values, stats, strict=True))
 
     def _metric_keys(self) -> tuple[str, ...]:
         extra = tuple(f"loss_{c}" for c in self._components) if len(self._components) > 1 else ()
-        return RECORD_METRICS + extra
+        aux = ("aux_loss",) if self._aux_coef else ()
+        return RECORD_METRICS + extra + aux
 
-    def _bco_delta(self, policy: Tensor, ref: Tensor | None, b: int, training: bool) -> float:
-        """BCO's reward shift: the running mean of all rewards, including this batch's when training."""
-        with torch.no_grad():
-            u = policy.detach().double() - (0.0 if ref is None else ref.double())
-            total, count = self.config.beta * float(u.sum()), 2 * b
-        if training:
-            self.bco_reward_sum += total
-            self.bco_reward_count += count
-            return self.bco_reward_sum / self.bco_reward_count
-        if self.bco_reward_count == 0:
-            return total / count
-        return self.bco_reward_sum / self.bco_reward_count
+    def _after_update(self) -> None:
+        """After each optimizer step: TR-DPO's reference mix when it is due."""
+        if self._sync is not None:
+            self._sync.after_step(self.global_step)
+
+    @property
+    def reference_drifted(self) -> bool:
+        """Whether TR-DPO has moved the reference away from the initial policy."""
+        return self._sync is not None and self._sync.drifted(self.global_step)
 
     def _batch(self, prompt: Any, chosen: Any, rejected: Any) -> PairBatch:
         if isinstance(prompt, PairBatch):
@@ -347,6 +312,7 @@ class DPO:
         else:
             self.optimizer.step()
             self.global_step += 1
+            self._after_update()
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = float(skipped)
         return metrics
@@ -419,6 +385,7 @@ class DPO:
         max_consecutive_skips: int | None = 10,
         progress: bool = True,
         max_steps: int | None = None,
+        report_to: str | list[str] | tuple[str, ...] | None = None,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> FitResult:
         """Train on ``train_dataset`` for ``epochs`` epochs (or ``max_steps`` optimizer steps).
@@ -429,10 +396,11 @@ class DPO:
         defaults to ``max_length`` for ``packed``). One optimizer step takes
         ``gradient_accumulation_steps`` batches (fewer at the end of an epoch) and gives the
         same update as one batch of their union: each batch's mean loss is weighted by
-        ``n_i / N``, ``N`` the pairs of the step. Two loss types look across pairs and so differ
-        from one big batch: ``aot``/``aot_unpaired`` sort within each batch, and ``bco_pair``
-        updates its running reward mean batch by batch (a batch's shift includes the earlier
-        batches of the step, not the later ones).
+        ``n_i / N``, ``N`` the pairs of the step (``sft``, a token mean: by its share of the
+        step's chosen tokens). What looks across pairs differs from one big batch:
+        ``aot``/``aot_unpaired`` sort within each batch, ``bco_running_mean`` updates its mean
+        batch by batch (a batch's shift includes the earlier batches of the step, not the later
+        ones), WPO's ``mean(w)`` on ``sft`` and the MoE router loss are per batch.
 
         A step whose loss or gradient is not finite (or whose pairs truncation all drops) is
         skipped with a ``RuntimeWarning``; it still counts toward the schedule, ``max_steps``
@@ -458,7 +426,8 @@ class DPO:
                 norms); with a custom optimizer, set it there.
             mixed_precision: ``"bf16"`` runs model forwards under ``torch.autocast``.
             log_every: every this many steps, one metrics line on stdout and a record in
-                ``output_dir/metrics.jsonl`` (and TensorBoard when installed).
+                ``output_dir/metrics.jsonl`` (when ``output_dir`` is set) and to each tracker
+                of ``report_to``.
             eval_every: evaluate ``eval_dataset`` every this many steps (and at the end).
             save_every: checkpoint to ``output_dir/checkpoints/step-<N>`` every this many steps
                 (and at the end whenever ``output_dir`` is set); keep ``save_total_limit``.
@@ -469,6 +438,17 @@ class DPO:
                 counters and the data position.
             max_consecutive_skips: raise ``RuntimeError`` after this many consecutive steps
                 skipped for non-finite loss or gradients.
+            report_to: experiment trackers that get every train and eval record (keys
+                ``train/loss``, ``eval/reward_accuracy``, ...; at its step) on rank 0:
+                ``"tensorboard"`` (``output_dir/tensorboard``), ``"wandb"``, ``"mlflow"``, a
+                list of them (or a comma-separated string), or ``"none"``. ``None`` (default):
+                TensorBoard when installed. W&B and MLflow also log the trainer's config and
+                these options once as parameters; their own environment variables
+                (``WANDB_PROJECT``, ``WANDB_MODE``, ``MLFLOW_TRACKING_URI``, ...) say where
+                records go. Each call (a resumed one too) starts a new tracker run, finished
+                when ``fit`` returns or raises; a run already active in the process is used
+                and left open. A client that does not import raises ``ImportError`` before
+                training. See :mod:`rlox.trackers`.
             callback: called as ``callback(step, metrics)`` after every optimizer step.
 
         Returns:
@@ -547,6 +527,11 @@ class DPO:
             raise ValueError(
                 "ref_model: precompute_reference needs a reference model (or a peft model)"
             )
+        if self._sync is not None:
+            raise ValueError(
+                "sync_ref_model: TR-DPO moves the reference during training, so precomputed "
+                "reference log-probs would go stale"
+            )
         return reference.precompute(self, dataset, _options(ReferenceConfig, locals()))
 
     # ------------------------------------------------------------------ reference cache
@@ -561,8 +546,8 @@ class DPO:
 
         Raises when the trainer has no reference to run and no cache matches.
         """
-        if not self._needs_reference:
-            return None
+        if not self._needs_reference or self._sync is not None:
+            return None  # TR-DPO moves the reference: cached values would go stale
         settings = reference.reference_settings(data_kw, self.config.ld_alpha)
         weights = self._reference_weights if self._has_live_reference() else None
         return reference.find_cached(dataset, settings, weights)
@@ -616,6 +601,32 @@ def _fields_of(config: type[Any], given: dict[str, Any]) -> dict[str, Any]:
 def _options(config: type[_C], given: dict[str, Any]) -> _C:
     """``config`` built (and so validated) from the same-named entries of ``given``."""
     return config(**_fields_of(config, given))
+
+
+def _check_options(
+    config: DPOConfig, ref_model: Any, peft_reference: bool, precomputed_reference: bool
+) -> None:
+    """Refuse option combinations that cannot work together."""
+    types = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
+    if config.use_weighting and any(t in SORTED_TYPES for t in types):
+        raise ValueError(
+            "use_weighting: WPO weights are per pair, and aot / aot_unpaired sort pairs, so "
+            "the weights would not match their pairs"
+        )
+    if not config.sync_ref_model:
+        return
+    if peft_reference:
+        raise ValueError(
+            "sync_ref_model: a peft policy's reference is the policy with its adapters disabled, "
+            "so there is no separate reference to move; pass a ref_model or disable it"
+        )
+    if precomputed_reference:
+        raise ValueError(
+            "sync_ref_model: precomputed reference log-probs assume a fixed reference, and "
+            "TR-DPO moves it during training; use a live ref_model"
+        )
+    if ref_model is None:
+        raise ValueError("sync_ref_model: needs a ref_model to move toward the policy")
 
 
 def _check_models(

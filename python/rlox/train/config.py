@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from rlox.losses import LOSS_DEFAULTS
+from rlox.trackers import report_to_names
 
 __all__ = [
     "AUTOCAST",
@@ -84,7 +85,7 @@ class DPOConfig:
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
     f_divergence: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 1.0
+    f_alpha_divergence_coef: float = 0.5
     reference_free: bool = False
     simpo_gamma: float = 0.5
     cpo_alpha: float = 1.0
@@ -93,6 +94,13 @@ class DPOConfig:
     discopop_tau: float = 0.05
     ld_alpha: float | None = None
     pad_token_id: int | None = None
+    disable_dropout: bool = True
+    use_weighting: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    router_aux_loss_coef: float | None = None
+    bco_running_mean: bool = False
 
     @classmethod
     def from_arguments(cls, kwargs: dict[str, Any]) -> DPOConfig:
@@ -123,8 +131,29 @@ class DPOConfig:
             raise ValueError(f"max_grad_norm: must be > 0 or None, got {max_norm}")
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
             raise TypeError(f"pad_token_id: expected an int or None, got {type(pad).__name__}")
+        for name in ("disable_dropout", "use_weighting", "sync_ref_model", "bco_running_mean"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(
+                    f"{name}: expected a bool, got {type(getattr(self, name)).__name__}"
+                )
+        alpha, coef = self.ref_model_mixup_alpha, self.router_aux_loss_coef
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+            raise TypeError(f"ref_model_mixup_alpha: expected a float, got {type(alpha).__name__}")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha: must be in (0, 1], got {alpha}")
+        _check_count("ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        if coef is not None:
+            if isinstance(coef, bool) or not isinstance(coef, int | float):
+                raise TypeError(
+                    f"router_aux_loss_coef: expected a float or None, got {type(coef).__name__}"
+                )
+            if not (coef >= 0 and math.isfinite(coef)):
+                raise ValueError(f"router_aux_loss_coef: must be a finite float >= 0, got {coef}")
+            coef = float(coef)
         return replace(
             self,
+            ref_model_mixup_alpha=float(alpha),
+            router_aux_loss_coef=coef,
             beta=float(self.beta),
             learning_rate=float(lr),
             max_grad_norm=None if max_norm is None else float(max_norm),
@@ -220,6 +249,11 @@ class FitConfig(EvalConfig):
     max_consecutive_skips: int | None = _opt(10, "raise after this many skipped steps in a row")
     progress: bool = _opt(True, "show a progress bar")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps")
+    report_to: str | list[str] | tuple[str, ...] | None = _opt(
+        None,
+        "experiment trackers: tensorboard, wandb, mlflow, a list of them, or 'none' "
+        "(unset: TensorBoard when installed)",
+    )
 
     def __post_init__(self) -> None:
         _check_count("epochs", self.epochs, 1)
@@ -249,6 +283,9 @@ class FitConfig(EvalConfig):
         ):
             what = "save_every" if self.save_every is not None else "resume_from='latest'"
             raise ValueError(f"output_dir: {what} needs an output directory")
+        trackers = report_to_names(self.report_to)
+        if self.output_dir is None and trackers is not None and "tensorboard" in trackers:
+            raise ValueError("output_dir: report_to='tensorboard' needs an output directory")
 
     def run_args(self, world_size: int) -> dict[str, Any]:
         """The options a checkpoint records (``fit`` in ``checkpoint.json``) to check a resume."""

@@ -3,13 +3,14 @@
 :func:`sequence_logps` runs a model on a :class:`~rlox.data.PairBatch` in any layout and sums
 log p(token | prefix) over each completion. Where the model allows it (``logits_at=`` of
 ``rlox.models.TinyCausalLM``, Hugging Face causal LMs whose logits are ``lm_head(hidden)``) the
-LM head runs only at the plan's points, never over the whole sequence.
+LM head runs only at the plan's points, never over the whole sequence. :func:`sequence_stats`
+returns, from the same forward, the WPO weights and a mixture-of-experts router loss too.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -17,15 +18,26 @@ from torch import Tensor, nn
 
 from rlox.attention import attention_mask
 from rlox.batch import PairBatch, collate_pairs
+from rlox.train import moe
 from rlox.train.distributed import is_fsdp_root
 
 __all__ = [
+    "SequenceStats",
     "accepted_kwargs",
     "is_peft",
     "model_vocab_size",
     "sequence_logps",
+    "sequence_stats",
     "stand_in_batch",
 ]
+
+
+class SequenceStats(NamedTuple):
+    """What :func:`sequence_stats` computes from one forward of a batch of B pairs."""
+
+    logps: Tensor  # (2B,) float32, chosen then rejected: summed completion log-probs
+    wpo_log_weights: Tensor | None  # (2B,) float32 without gradient: log of the WPO weight
+    aux_loss: Tensor | None  # () with gradient: the MoE router load-balancing loss
 
 
 def model_vocab_size(model: nn.Module) -> int | None:
@@ -118,25 +130,85 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return base, head
 
 
-def _plan_logits(model: nn.Module, batch: PairBatch, accepted: frozenset[str]) -> Tensor:
-    """(N, V) logits at the gather plan's (row, position) points only, where the model allows."""
-    kwargs = _forward_kwargs(batch, accepted, model)
-    points = (batch.plan_row, batch.plan_position)
-    if "logits_at" in accepted:
-        return model(batch.input_ids, logits_at=points, **kwargs)
-    split = _split_head(model)
-    if split is not None:
-        base, head = split
-        out = base(batch.input_ids, **kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return head(hidden[points])
-    logits = _as_logits(model(batch.input_ids, **kwargs))
+def _router_logits(out: Any) -> tuple[Tensor, ...] | None:
+    logits = getattr(out, "router_logits", None)
+    if isinstance(logits, tuple | list) and logits and all(isinstance(t, Tensor) for t in logits):
+        return tuple(logits)
+    return None
+
+
+def _router_loss(
+    model: nn.Module, batch: PairBatch, router: tuple[Tensor, ...] | None, own: Any
+) -> Tensor:
+    """() load-balancing loss from the router logits of a forward (``router``).
+
+    The statistics cover the batch's real tokens, its (R, L) ``attention_mask`` in every layout.
+    The model's own ``aux_loss`` (``own``) stands in only for the padded layout, where it reads
+    the same 2-D mask.
+    """
+    if router:
+        loss = moe.load_balancing_loss(model, router, batch.attention_mask)
+        if loss is not None:
+            return loss
+    if batch.layout == "padded" and isinstance(own, Tensor):
+        return own
+    name = type(moe.hf_model(model)).__name__
+    raise TypeError(
+        f"model: cannot compute the router load-balancing loss of {name} in the {batch.layout} layout"
+    )
+
+
+def _full_forward(
+    model: nn.Module, batch: PairBatch, kwargs: dict[str, Any], router_aux: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_plan_logits` through the model's whole forward (its LM head over every position)."""
+    dense = router_aux and batch.layout != "padded"
+    if dense:
+        # The model's own aux loss would read the 4-D attention mask as a token mask: record
+        # the router logits with hooks instead.
+        kwargs["output_router_logits"] = False
+        with moe.record_router_logits(model) as recorded:
+            out = model(batch.input_ids, **kwargs)
+        router = tuple(recorded)
+    else:
+        out = model(batch.input_ids, **kwargs)
+        router = _router_logits(out)
+    logits = _as_logits(out)
     rows, length = batch.input_ids.shape
     if logits.dim() != 3 or logits.shape[:2] != (rows, length):
         raise ValueError(
             f"model: expected logits of shape ({rows}, {length}, V), got {tuple(logits.shape)}"
         )
-    return logits[points]
+    points = (batch.plan_row, batch.plan_position)
+    if not router_aux:
+        return logits[points], None
+    own = None if dense else getattr(out, "aux_loss", None)
+    return logits[points], _router_loss(model, batch, router, own)
+
+
+def _plan_logits(
+    model: nn.Module, batch: PairBatch, accepted: frozenset[str], router_aux: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """(N, V) logits at the gather plan's (row, position) points only, where the model allows,
+    and with ``router_aux`` the () router load-balancing loss (see :func:`_router_loss`).
+    """
+    kwargs = _forward_kwargs(batch, accepted, model)
+    points = (batch.plan_row, batch.plan_position)
+    if "logits_at" in accepted and not router_aux:
+        return model(batch.input_ids, logits_at=points, **kwargs), None
+    if moe.is_moe(model):
+        # Explicit either way: a config default of True would otherwise have the full forward
+        # compute an aux loss (wasted work, and an error under a 4-D attention mask).
+        kwargs["output_router_logits"] = router_aux
+    # The head split needs the router loss computable from the decoder's router logits.
+    split = _split_head(model) if not router_aux or moe.can_compute_loss(model) else None
+    if split is None:
+        return _full_forward(model, batch, kwargs, router_aux)
+    base, head = split
+    out = base(batch.input_ids, **kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    aux = _router_loss(model, batch, _router_logits(out), None) if router_aux else None
+    return head(hidden[points]), aux
 
 
 def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
@@ -159,6 +231,85 @@ def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
     return torch.where(inside, 1.0, ld_alpha).to(torch.float32)
 
 
+def _wpo_log_weights(
+    picked: Tensor, token_logps: Tensor, lse: Tensor, index: Tensor, n: int
+) -> Tensor:
+    """(n,) per-sequence mean of log p(y_t) - log sum_v p(v)^2 (WPO, Zhou et al. 2024, eq. 2).
+
+    ``picked``: (N, V) float32 plan logits, ``token_logps``/``lse``: (N,) unweighted token
+    log-probs and logsumexp, ``index``: (N,) sequence of each point. No gradient.
+    """
+    with torch.no_grad():
+        log_sum_sq = (2 * picked).logsumexp(-1) - 2 * lse  # log sum_v p(v)^2
+        per_token = token_logps - log_sum_sq
+        sums = torch.zeros(n, dtype=torch.float32, device=picked.device)
+        sums.index_add_(0, index, per_token)
+        return sums / torch.bincount(index, minlength=n).clamp_min(1)
+
+
+def sequence_stats(
+    model: nn.Module,
+    batch: PairBatch,
+    accepted: frozenset[str] | None = None,
+    *,
+    ld_alpha: float | None = None,
+    autocast: torch.dtype | None = None,
+    wpo: bool = False,
+    router_aux: bool = False,
+) -> SequenceStats:
+    """Completion log-probs, and optionally WPO weights and the MoE router loss, in one forward.
+
+    ``logps``: (2B,) float32, :func:`sequence_logps`. ``wpo_log_weights`` (``wpo=True``, else
+    None): (2B,) float32 without gradient, each completion's mean over its tokens of
+    log p(y_t) - log sum_v p(v)^2 (TRL's ``use_weighting``); unweighted by ``ld_alpha``, read
+    from the plan logits only. ``aux_loss`` (``router_aux=True``, else None): () tensor with
+    gradient, the load-balancing loss of a Hugging Face mixture-of-experts model (config with
+    ``output_router_logits``; else ``ValueError``) over the batch's real tokens: for the padded
+    layout the model's own ``aux_loss``; for packed rows the same value (each token counted
+    once); for prefix_shared rows each shared prompt token counts once, not once per completion.
+    """
+    if router_aux and not moe.is_moe(model):
+        raise ValueError(
+            f"model: router_aux needs a mixture-of-experts model whose config has "
+            f"output_router_logits; {type(moe.hf_model(model)).__name__} has none"
+        )
+    if accepted is None:
+        accepted = accepted_kwargs(model)
+    device = next(model.parameters()).device
+    targets = batch.plan_target
+    # The largest target id, read where the batch lives now (no device sync for a CPU batch).
+    top = int(targets.max()) if targets.numel() and targets.device.type == "cpu" else None
+    batch = batch.to(device)
+    b = batch.num_pairs
+    if autocast is None:
+        picked, aux = _plan_logits(model, batch, accepted, router_aux)
+    else:
+        with torch.autocast(device_type=device.type, dtype=autocast):
+            picked, aux = _plan_logits(model, batch, accepted, router_aux)
+    picked = picked.float()
+    vocab = picked.shape[-1]
+    if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
+        raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
+    if top is None and picked.shape[0]:
+        top = int(batch.plan_target.max())
+    if top is not None and top >= vocab:
+        i = int((batch.plan_target >= vocab).nonzero()[0, 0])
+        side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
+        raise ValueError(
+            f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary (V={vocab})"
+        )
+    lse = picked.logsumexp(-1)
+    token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - lse
+    index = batch.plan_side * b + batch.plan_pair
+    weights = None
+    if wpo:
+        weights = _wpo_log_weights(picked, token_logps.detach(), lse.detach(), index, 2 * b)
+    if ld_alpha is not None and ld_alpha != 1.0:
+        token_logps = token_logps * _ld_weights(batch, ld_alpha)
+    logps = torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
+    return SequenceStats(logps, weights, aux)
+
+
 def sequence_logps(
     model: nn.Module,
     batch: PairBatch,
@@ -176,36 +327,7 @@ def sequence_logps(
     count with weight ``ld_alpha``. ``autocast`` (e.g. ``torch.bfloat16``) runs the model's
     forward under ``torch.autocast``; the log-softmax and sums stay in float32.
     """
-    if accepted is None:
-        accepted = accepted_kwargs(model)
-    device = next(model.parameters()).device
-    targets = batch.plan_target
-    # The largest target id, read where the batch lives now (no device sync for a CPU batch).
-    top = int(targets.max()) if targets.numel() and targets.device.type == "cpu" else None
-    batch = batch.to(device)
-    b = batch.num_pairs
-    if autocast is None:
-        picked = _plan_logits(model, batch, accepted).float()
-    else:
-        with torch.autocast(device_type=device.type, dtype=autocast):
-            picked = _plan_logits(model, batch, accepted)
-        picked = picked.float()
-    vocab = picked.shape[-1]
-    if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
-        raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
-    if top is None and picked.shape[0]:
-        top = int(batch.plan_target.max())
-    if top is not None and top >= vocab:
-        i = int((batch.plan_target >= vocab).nonzero()[0, 0])
-        side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
-        raise ValueError(
-            f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary (V={vocab})"
-        )
-    token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - picked.logsumexp(-1)
-    if ld_alpha is not None and ld_alpha != 1.0:
-        token_logps = token_logps * _ld_weights(batch, ld_alpha)
-    index = batch.plan_side * b + batch.plan_pair
-    return torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
+    return sequence_stats(model, batch, accepted, ld_alpha=ld_alpha, autocast=autocast).logps
 
 
 def stand_in_batch() -> PairBatch:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from rlox import __version__
 from rlox.checkpoint import load_checkpoint, remove_partial, resume_checkpoint, save_checkpoint
 from rlox.data import PairBatch, PreferenceDataset
+from rlox.trackers import Trackers, report_to_names, require_trackers, run_config
 from rlox.tracking import RECORD_METRICS, MetricsWriter, format_record, make_record
 from rlox.train.config import LR_SCHEDULERS, RESUME_LOOSE, RESUME_STRICT, FitConfig
 from rlox.train.distributed import all_reduce, process_group, rank_world, unwrap
@@ -133,13 +134,19 @@ def fit_step(
     """One optimizer step over the micro-batches ``batches`` (gradient accumulation).
 
     Each micro-batch's mean loss is weighted by ``n_i / N`` (``N``: the pairs of the whole
-    step over all ranks), so the update equals that of one batch of their union. Returns
+    step over all ranks), and its ``sft`` token mean divides by the step's mean chosen length,
+    so the update equals that of one batch of their union. Returns
     the step's pair-weighted metrics plus ``grad_norm``, ``skipped``, ``lr``, ``num_pairs``.
     """
     model = trainer.model
     device = next(model.parameters()).device
     _, world = rank_world()
-    (total,) = all_reduce([float(sum(b.num_pairs for b in batches))], device)
+    pairs = float(sum(b.num_pairs for b in batches))
+    tokens = float(sum(int(b.chosen_lengths.sum()) for b in batches))
+    total, chosen_tokens = all_reduce([pairs, tokens], device)
+    # sft is a token mean over the whole step: every micro-batch divides by the step's mean
+    # chosen length, so each one counts by its share of the chosen tokens.
+    sft_mean_length = chosen_tokens / total if total else None
     # Alone, batches that truncation emptied are left out. Under torch.distributed every rank
     # runs each micro-batch, an emptied one as a zero-weight stand-in, so that all ranks join
     # the same gradient reductions (and FSDP gathers) even when one rank lost its pairs.
@@ -161,7 +168,9 @@ def fit_step(
         with contextlib.nullcontext() if last or not ddp else model.no_sync():
             if n:
                 ref = reference(batch) if reference is not None else None
-                loss, metrics = trainer._loss(batch, training=True, ref=ref, nan_loss=True)
+                loss, metrics = trainer._loss(
+                    batch, training=True, ref=ref, nan_loss=True, sft_mean_length=sft_mean_length
+                )
             else:
                 loss = _stand_in_loss(trainer, reference is not None)
             assert loss is not None
@@ -183,6 +192,7 @@ def fit_step(
     else:
         trainer.optimizer.step()
         trainer.global_step += 1
+        trainer._after_update()
     out = {k: (v / total if total else math.nan) for k, v in zip(keys, sums_all, strict=True)}
     out.update(grad_norm=grad_norm, skipped=float(bad), lr=lr, num_pairs=total)
     return out
@@ -265,6 +275,12 @@ class _Run:
     ) -> None:
         self.trainer, self.train, self.eval_dataset = trainer, train, eval_dataset
         self.cfg, self.callback = cfg, callback
+        self.report_to = report_to_names(cfg.report_to)
+        require_trackers(self.report_to)  # every rank: a missing client fails before any work
+        self.scheduler: Any = None
+        self.bar: Any = None
+        self.writer: MetricsWriter | None = None
+        self.trackers: Trackers | None = None
         rank, world = rank_world()
         self.main = rank == 0
         self.out_dir = Path(cfg.output_dir) if cfg.output_dir is not None else None
@@ -297,11 +313,16 @@ class _Run:
         )
         if path is not None:
             self._restore(path)
-        self.writer = None
         if self.main and self.out_dir is not None:
             remove_partial(self.out_dir)
             resume_step = self.step if self.resumed else None
-            self.writer = MetricsWriter(self.out_dir, resume_step=resume_step)
+            tensorboard = self.report_to is None or "tensorboard" in self.report_to
+            self.writer = MetricsWriter(
+                self.out_dir, resume_step=resume_step, tensorboard=tensorboard
+            )
+        if self.main and self.report_to:
+            config = run_config(trainer.config, cfg, world_size=self.run_args["world_size"])
+            self.trackers = Trackers(self.report_to, config)
         self.bar = tqdm(
             total=self.total,
             initial=self.step,
@@ -326,6 +347,7 @@ class _Run:
             optimizer=trainer.optimizer,
             rng=self.main,
             verify=False,
+            reference=trainer.ref_model if trainer.config.sync_ref_model else None,
         )
         self.scheduler.load_state_dict(meta["scheduler"])
         pos, counters = meta["position"], meta["counters"]
@@ -351,6 +373,8 @@ class _Run:
         tqdm.write(format_record(record), file=sys.stdout)
         if self.writer is not None:
             self.writer.write(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def run_eval(self) -> None:
         assert self.eval_dataset is not None
@@ -388,6 +412,7 @@ class _Run:
             state=state,
             keep=self.cfg.save_total_limit,
             collective=True,
+            reference=trainer.ref_model if trainer.reference_drifted else None,
         )
         self.last_save_step = self.step
 
@@ -471,15 +496,20 @@ class _Run:
         if self.out_dir is not None and self.last_save_step != self.step:
             self.save()
 
-    def close(self) -> None:
-        """Put back the learning rate (the schedule may end at 0); close the bar and the writer."""
-        for group, base in zip(
-            self.trainer.optimizer.param_groups, self.scheduler.base_lrs, strict=True
-        ):
-            group["lr"] = base
-        self.bar.close()
+    def close(self, failed: bool = False) -> None:
+        """Put back the learning rate (the schedule may end at 0); close the bar, the writer and
+        the trackers (``failed``: the run raised). Works after a ``setup`` cut short too."""
+        if self.scheduler is not None:
+            for group, base in zip(
+                self.trainer.optimizer.param_groups, self.scheduler.base_lrs, strict=True
+            ):
+                group["lr"] = base
+        if self.bar is not None:
+            self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close(failed)
 
     def result(self) -> FitResult:
         return FitResult(
@@ -502,12 +532,14 @@ def fit(
 ) -> FitResult:
     """Run :meth:`DPO.fit` with validated options ``cfg`` (see its docstring)."""
     run = _Run(trainer, train_dataset, eval_dataset, cfg, callback)
-    run.setup()
     previous_autocast = trainer._autocast
-    trainer._autocast = cfg.autocast
+    failed = True
     try:
+        run.setup()
+        trainer._autocast = cfg.autocast
         run.loop()
+        failed = False
     finally:
         trainer._autocast = previous_autocast
-        run.close()
+        run.close(failed)
     return run.result()

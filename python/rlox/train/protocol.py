@@ -26,6 +26,7 @@ class ReferenceDigest(Protocol):
 
 class Trainer(Protocol):
     model: nn.Module
+    ref_model: nn.Module | None
     optimizer: torch.optim.Optimizer
     config: DPOConfig
     global_step: int
@@ -35,6 +36,19 @@ class Trainer(Protocol):
     _autocast: torch.dtype | None
     _weight_decay: float
     _reference_weights: ReferenceDigest
+    _policy_kwargs: frozenset[str]
+    _ref_kwargs: frozenset[str] | None
+    _peft_reference: bool
+    _needs_reference: bool
+    _loss_options: dict[str, Any]
+    _uses_bco: bool
+    _components: tuple[str, ...]
+    _aux_coef: float
+
+    @property
+    def reference_drifted(self) -> bool: ...
+
+    def _after_update(self) -> None: ...
 
     def _loss(
         self,
@@ -43,6 +57,7 @@ class Trainer(Protocol):
         training: bool = False,
         ref: Tensor | None = None,
         nan_loss: bool = False,
+        sft_mean_length: float | None = None,
     ) -> tuple[Tensor | None, dict[str, float]]: ...
 
     def _metric_keys(self) -> tuple[str, ...]: ...

@@ -1,7 +1,8 @@
 """The directory of :meth:`rlox.DPO.save` / :meth:`~rlox.DPO.load`.
 
 It holds ``model.safetensors`` (policy weights), ``optimizer.pt`` (the optimizer's state,
-read with ``weights_only=True``), ``trainer.json`` (config, counters, the optimizer's class and
+read with ``weights_only=True``), ``reference.safetensors`` (only when TR-DPO has moved the
+reference), ``trainer.json`` (config, counters, the optimizer's class and
 groups by parameter name) and, written last, ``manifest.json`` (sizes and CRC-32 checksums,
 verified before loading).
 """
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from rlox import __version__
 from rlox.checkpoint import (
+    REFERENCE_FILE,
     full_state,
     is_sharded,
     load_optimizer_state,
@@ -48,15 +50,18 @@ def save_trainer(trainer: Trainer, path: str | Path) -> Path:
     """
     path = Path(path)
     model = unwrap(trainer.model)
+    ref = trainer.ref_model if trainer.reference_drifted else None
+    ref_weights = full_state(ref, None)[0] if ref is not None and is_sharded(ref) else None
+    moved = None if ref is None else (ref, ref_weights)
     if not is_sharded(model):
         if process_group() is None or process_group().get_rank() == 0:
-            _write(trainer, path, model, None, trainer.optimizer.state_dict())
+            _write(trainer, path, model, None, trainer.optimizer.state_dict(), moved)
         return path
     weights, optim = full_state(model, trainer.optimizer)
     failed = False
     try:
         if rank_world()[0] == 0:
-            _write(trainer, path, model, weights, optim)
+            _write(trainer, path, model, weights, optim, moved)
     except Exception:
         failed = True
         raise
@@ -73,16 +78,20 @@ def _write(
     model: nn.Module,
     weights: dict[str, Tensor] | None,
     optim: dict[str, Any],
+    reference: tuple[nn.Module, dict[str, Tensor] | None] | None,
 ) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    # An interrupted save must not leave an older manifest or trainer.json behind.
-    for name in (MANIFEST, "trainer.json"):
+    # An interrupted save must not leave an older manifest, trainer.json or reference behind.
+    for name in (MANIFEST, "trainer.json", REFERENCE_FILE):
         (path / name).unlink(missing_ok=True)
     manifest = ManifestWriter(path)  # each checksum taken right after the file is written
     save_weights(model, path / "model.safetensors", weights)
     manifest.add("model.safetensors")
     torch.save(optim, path / "optimizer.pt")
     manifest.add("optimizer.pt")
+    if reference is not None:
+        save_weights(reference[0], path / REFERENCE_FILE, reference[1])
+        manifest.add(REFERENCE_FILE)
     meta = {
         "rlox_version": __version__,
         "manifest": MANIFEST,
@@ -162,6 +171,10 @@ def load_trainer(
     with reading(path, "optimizer.pt"):
         optim = torch.load(path / "optimizer.pt", weights_only=True)
     load_optimizer_state(inner, trainer.optimizer, optim)
+    if trainer.config.sync_ref_model and (path / REFERENCE_FILE).is_file():
+        assert trainer.ref_model is not None  # the constructor refuses TR-DPO without one
+        with reading(path, REFERENCE_FILE):
+            load_weights(trainer.ref_model, path / REFERENCE_FILE)
     trainer.global_step = int(meta["global_step"])
     trainer.skipped_steps = int(meta["skipped_steps"])
     trainer.bco_reward_sum = float(meta.get("bco_reward_sum", 0.0))

@@ -20,6 +20,11 @@ pub struct LossInputs<'a, T> {
     /// Completion lengths in tokens; required by length-normalised losses.
     pub chosen_lengths: Option<&'a [i64]>,
     pub rejected_lengths: Option<&'a [i64]>,
+    /// Per-pair loss weights (WPO), finite and >= 0, constants for the gradient.
+    pub pair_weights: Option<&'a [T]>,
+    /// The length the `sft` term divides the chosen log-probs by (default: the batch's mean
+    /// chosen length, so that the mean over pairs is the batch token mean).
+    pub sft_mean_length: Option<f64>,
 }
 
 impl<'a, T> LossInputs<'a, T> {
@@ -32,6 +37,8 @@ impl<'a, T> LossInputs<'a, T> {
             ref_rejected: self.ref_rejected.map(|x| &x[lo..hi]),
             chosen_lengths: self.chosen_lengths.map(|x| &x[lo..hi]),
             rejected_lengths: self.rejected_lengths.map(|x| &x[lo..hi]),
+            pair_weights: self.pair_weights.map(|x| &x[lo..hi]),
+            sft_mean_length: self.sft_mean_length,
         }
     }
 }
@@ -138,6 +145,7 @@ pub(super) fn validate<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: us
         }
     }
     check_lengths(inp, cfg, n)?;
+    check_weights(inp, cfg, n)?;
     if cfg.terms.iter().any(|(t, _)| *t == LossType::Orpo) {
         for (name, x) in [
             (NAMES[0], inp.policy_chosen),
@@ -209,6 +217,46 @@ fn check_lengths<T>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Resu
         return Err(RloxError::value(
             missing,
             "is missing; pass both completion-length arrays or neither",
+        ));
+    }
+    Ok(())
+}
+
+/// `pair_weights`: `n` finite weights >= 0, not with the sorting types; `sft_mean_length`:
+/// finite and > 0.
+fn check_weights<T: Real>(inp: &LossInputs<'_, T>, cfg: &LossConfig, n: usize) -> Result<()> {
+    if let Some(m) = inp.sft_mean_length {
+        if !(m.is_finite() && m > 0.0) {
+            return Err(RloxError::value(
+                "sft_mean_length",
+                format!("must be a finite number > 0, got {m}"),
+            ));
+        }
+    }
+    let Some(w) = inp.pair_weights else {
+        return Ok(());
+    };
+    if let Some((t, _)) = cfg.terms.iter().find(|(t, _)| t.sorted()) {
+        return Err(RloxError::value(
+            "pair_weights",
+            format!(
+                "loss_type {:?} sorts pairs within the batch, so per-pair weights would be \
+                 misaligned; pass pair_weights=None",
+                t.name()
+            ),
+        ));
+    }
+    if w.len() != n {
+        return Err(RloxError::value(
+            "pair_weights",
+            format!("has length {} but there are {n} pairs", w.len()),
+        ));
+    }
+    if let Some(i) = first_where(w, |x: &T| !(x.is_finite() && *x >= T::ZERO)) {
+        return Err(RloxError::at(
+            "pair_weights",
+            i,
+            format!("must be a finite number >= 0, got {}", w[i].to_f64()),
         ));
     }
     Ok(())

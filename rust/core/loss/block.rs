@@ -1,8 +1,10 @@
 //! One chunk of pairs, block by block: log-ratios, f-divergence scores, each weighted loss term
-//! in L1/L2-resident scratch, then the outputs and the block's sums.
+//! (times the pair weights, when given) in L1/L2-resident scratch, then the outputs and the
+//! block's sums.
 
 use super::arrays::{assume_init, length_of, split_outputs, LossInputs, LossOutputs};
-use super::config::{Basis, FDivergence, LossConfig, LossType};
+use super::config::{Basis, LossConfig, LossType};
+use super::scores::{self, div_scores, weigh, Consts};
 use super::sum::{lane_sum, Partial};
 use crate::core::fastmath::Real;
 use crate::core::terms::{self, Out, Params};
@@ -22,8 +24,6 @@ struct Scratch<T> {
     dsr: Vec<T>,
     vc: Vec<T>,
     vr: Vec<T>,
-    svc: Vec<T>,
-    svr: Vec<T>,
     dvc: Vec<T>,
     dvr: Vec<T>,
     comp: Vec<T>,
@@ -48,8 +48,6 @@ impl<T: Real> Scratch<T> {
             dsr: v(),
             vc: v(),
             vr: v(),
-            svc: v(),
-            svr: v(),
             dvc: v(),
             dvr: v(),
             comp: v(),
@@ -66,6 +64,7 @@ impl<T: Real> Scratch<T> {
 pub(super) fn chunk_generic<T: Real>(
     cfg: &LossConfig,
     p: &Params<T>,
+    c: &Consts<T>,
     inp: &LossInputs<'_, T>,
     out: LossOutputs<'_, T>,
     inv_n: T,
@@ -75,7 +74,7 @@ pub(super) fn chunk_generic<T: Real>(
     for (b, o) in split_outputs(out, BLOCK).into_iter().enumerate() {
         let lo = b * BLOCK;
         let sub = inp.slice(lo, lo + o.losses.len());
-        block(cfg, p, &sub, &mut s, &mut acc, o, inv_n);
+        block(cfg, p, c, &sub, &mut s, &mut acc, o, inv_n);
     }
     acc
 }
@@ -104,16 +103,6 @@ fn inverse_lengths<T: Real>(len: &[i64], il: &mut [T]) {
     }
 }
 
-#[inline(always)]
-fn div_scores<T: Real>(div: FDivergence, alpha: T, u: &[T], s: &mut [T], ds: &mut [T]) {
-    match div {
-        FDivergence::ReverseKl => unreachable!("the identity score is not materialised"),
-        FDivergence::ForwardKl => terms::alpha_scores(T::ONE, u, s, ds),
-        FDivergence::AlphaDivergence => terms::alpha_scores(alpha, u, s, ds),
-        FDivergence::JsDivergence => terms::js_scores(u, s, ds),
-    }
-}
-
 /// `g += w * d * f` (f = 1 when absent).
 #[inline(always)]
 fn add_grad<T: Real>(w: T, d: &[T], f: Option<&[T]>, g: &mut [T]) {
@@ -138,6 +127,7 @@ fn add_grad<T: Real>(w: T, d: &[T], f: Option<&[T]>, g: &mut [T]) {
 fn run_term<T: Real>(
     t: LossType,
     p: &Params<T>,
+    c: &Consts<T>,
     [xc, xr]: [&[T]; 2],
     pi: [&[T]; 2],
     il: [&[T]; 2],
@@ -145,6 +135,7 @@ fn run_term<T: Real>(
 ) {
     match t {
         LossType::Sigmoid | LossType::SigmoidNorm => terms::sigmoid(p, xc, xr, o),
+        LossType::Cdpo => terms::cdpo(p, xc, xr, o),
         LossType::Robust => terms::robust(p, xc, xr, o),
         LossType::Hinge => terms::hinge(p, xc, xr, o),
         LossType::Ipo => terms::ipo(p, xc, xr, o),
@@ -158,7 +149,7 @@ fn run_term<T: Real>(
         LossType::Simpo => terms::simpo(p, pi, il, o),
         LossType::Cpo => terms::cpo(p, pi[0], pi[1], il[0], o),
         LossType::Orpo => terms::orpo(p, pi, il, o),
-        LossType::Sft => terms::nll(pi[0], il[0], o),
+        LossType::Sft => scores::sft(pi[0], c.sft_len, o.comp, o.dcc, o.dcr),
         LossType::Aot | LossType::AotUnpaired => unreachable!("sorted losses run separately"),
     }
 }
@@ -170,44 +161,44 @@ macro_rules! basis {
         match ($t.basis(), $identity) {
             (Basis::ScoreU, false) => ([&$s.sc[..], &$s.sr], [Some(&$s.dsc[..]), Some(&$s.dsr)]),
             (Basis::ScoreV, true) => ([&$s.vc[..], &$s.vr], [Some(&$s.ilc[..]), Some(&$s.ilr)]),
-            (Basis::ScoreV, false) => ([&$s.svc[..], &$s.svr], [Some(&$s.dvc[..]), Some(&$s.dvr)]),
+            (Basis::ScoreV, false) => ([&$s.vc[..], &$s.vr], [Some(&$s.dvc[..]), Some(&$s.dvr)]),
             _ => ([&$s.uc[..], &$s.ur], [None, None]),
         }
     };
 }
 
 /// Every output of one block of `m <= BLOCK` pairs, and its contribution to the batch sums.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<T: Real>(
     cfg: &LossConfig,
     p: &Params<T>,
+    c: &Consts<T>,
     inp: &LossInputs<'_, T>,
     s: &mut Scratch<T>,
     acc: &mut Partial,
     out: LossOutputs<'_, T>,
     inv_n: T,
 ) {
-    // The reverse-KL score is the identity: the terms then read `u` and `v` directly.
-    let identity = cfg.opts.f_divergence == FDivergence::ReverseKl;
-    fill_bases(cfg, p, inp, s, identity);
+    fill_bases(cfg, c, inp, s);
     if cfg.is_single() {
         // One term of weight 1: it writes the totals directly.
-        single_term(cfg, p, inp, s, identity);
+        single_term(cfg, p, c, inp, s);
     } else {
-        weighted_terms(cfg, p, inp, s, acc, identity);
+        weighted_terms(cfg, p, c, inp, s, acc);
     }
     write_outputs(p.beta, inp, s, out, inv_n, acc);
 }
 
-/// The quantities the terms read: `u` per side, inverse lengths (when needed), and the
-/// f-divergence scores of `u` and of `v = u / len` with their derivatives.
+/// The quantities the terms read: `u` per side, inverse lengths (when needed), the
+/// f-divergence scores `s(u)` and `s(u) / len` with their derivatives. With the identity score
+/// (`c.identity`) the terms read `u` and `v = u / len` directly.
 #[inline(always)]
 fn fill_bases<T: Real>(
     cfg: &LossConfig,
-    p: &Params<T>,
+    c: &Consts<T>,
     inp: &LossInputs<'_, T>,
     s: &mut Scratch<T>,
-    identity: bool,
 ) {
     let m = inp.policy_chosen.len();
     let (pc, pr) = (inp.policy_chosen, inp.policy_rejected);
@@ -222,51 +213,69 @@ fn fill_bases<T: Real>(
         inverse_lengths(lr, &mut s.ilr[..m]);
     }
     let div = cfg.opts.f_divergence;
-    if !identity && cfg.needs(Basis::ScoreU) {
-        div_scores(div, p.alpha, &s.uc[..m], &mut s.sc[..m], &mut s.dsc[..m]);
-        div_scores(div, p.alpha, &s.ur[..m], &mut s.sr[..m], &mut s.dsr[..m]);
+    let per_token = cfg.needs(Basis::ScoreV);
+    if !c.identity && (per_token || cfg.needs(Basis::ScoreU)) {
+        div_scores(div, c.alpha_m1, &s.uc[..m], &mut s.sc[..m], &mut s.dsc[..m]);
+        div_scores(div, c.alpha_m1, &s.ur[..m], &mut s.sr[..m], &mut s.dsr[..m]);
     }
-    if cfg.needs(Basis::ScoreV) {
+    if per_token {
+        // identity: v = u / len (chain factor 1 / len); else s(u) / len (factor s'(u) / len)
+        let (xc, xr) = if c.identity {
+            (&s.uc[..m], &s.ur[..m])
+        } else {
+            (&s.sc[..m], &s.sr[..m])
+        };
         let (vc, vr) = (&mut s.vc[..m], &mut s.vr[..m]);
-        let (uc, ur, ilc, ilr) = (&s.uc[..m], &s.ur[..m], &s.ilc[..m], &s.ilr[..m]);
+        let (ilc, ilr) = (&s.ilc[..m], &s.ilr[..m]);
         for i in 0..m {
-            vc[i] = uc[i] * ilc[i];
-            vr[i] = ur[i] * ilr[i];
+            vc[i] = xc[i] * ilc[i];
+            vr[i] = xr[i] * ilr[i];
         }
-        if !identity {
-            div_scores(div, p.alpha, &s.vc[..m], &mut s.svc[..m], &mut s.dvc[..m]);
-            div_scores(div, p.alpha, &s.vr[..m], &mut s.svr[..m], &mut s.dvr[..m]);
+        if !c.identity {
             let (dvc, dvr) = (&mut s.dvc[..m], &mut s.dvr[..m]);
-            let (ilc, ilr) = (&s.ilc[..m], &s.ilr[..m]);
+            let (dsc, dsr) = (&s.dsc[..m], &s.dsr[..m]);
             for i in 0..m {
-                dvc[i] = dvc[i] * ilc[i];
-                dvr[i] = dvr[i] * ilr[i];
+                dvc[i] = dsc[i] * ilc[i];
+                dvr[i] = dsr[i] * ilr[i];
             }
         }
     }
 }
 
-/// The loss of the one term of weight 1 into the totals `l`, `gc`, `gr`.
+/// The pair-weight factor of term `t`: the weights themselves, or their mean for `sft` (which
+/// TRL computes as one batch value); None without pair weights.
+#[inline(always)]
+fn weight_of<'a, T: Real>(
+    t: Option<LossType>,
+    c: &Consts<T>,
+    inp: &LossInputs<'a, T>,
+) -> Option<(&'a [T], Option<T>)> {
+    let w = inp.pair_weights?;
+    Some((w, (t == Some(LossType::Sft)).then_some(c.mean_weight)))
+}
+
+/// The loss of the one term of weight 1 (times the pair weights) into the totals `l`, `gc`,
+/// `gr`.
 #[inline(always)]
 fn single_term<T: Real>(
     cfg: &LossConfig,
     p: &Params<T>,
+    c: &Consts<T>,
     inp: &LossInputs<'_, T>,
     s: &mut Scratch<T>,
-    identity: bool,
 ) {
     let m = inp.policy_chosen.len();
     let (pc, pr) = (inp.policy_chosen, inp.policy_rejected);
     let pi = [&pc[..m], &pr[..m]];
     let il = [&s.ilc[..m], &s.ilr[..m]];
     let t = cfg.terms[0].0;
-    let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(s, identity, t);
+    let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(s, c.identity, t);
     let o = Out {
         comp: &mut s.l[..m],
         dcc: &mut s.gc[..m],
         dcr: &mut s.gr[..m],
     };
-    run_term(t, p, x, pi, il, o);
+    run_term(t, p, c, x, pi, il, o);
     for (g, f) in [(&mut s.gc, f[0]), (&mut s.gr, f[1])] {
         if let Some(f) = f {
             let (g, f) = (&mut g[..m], &f[..m]);
@@ -275,18 +284,21 @@ fn single_term<T: Real>(
             }
         }
     }
+    if let Some((w, scalar)) = weight_of(Some(t), c, inp) {
+        weigh(w, scalar, [&mut s.l[..m], &mut s.gc, &mut s.gr]);
+    }
 }
 
 /// The weighted sum of every term (and the rpo term) into the totals `l`, `gc`, `gr`; each
-/// term's unweighted sum goes to its component in `acc`.
+/// term's sum (times the pair weights, not the loss weight) goes to its component in `acc`.
 #[inline(always)]
 fn weighted_terms<T: Real>(
     cfg: &LossConfig,
     p: &Params<T>,
+    c: &Consts<T>,
     inp: &LossInputs<'_, T>,
     s: &mut Scratch<T>,
     acc: &mut Partial,
-    identity: bool,
 ) {
     let m = inp.policy_chosen.len();
     let (pc, pr) = (inp.policy_chosen, inp.policy_rejected);
@@ -295,14 +307,28 @@ fn weighted_terms<T: Real>(
     s.l[..m].fill(T::ZERO);
     s.gc[..m].fill(T::ZERO);
     s.gr[..m].fill(T::ZERO);
-    for (k, &(t, w)) in cfg.terms.iter().enumerate() {
+    let rpo = cfg.opts.rpo_alpha.map(|a| (None, a));
+    let terms = cfg.terms.iter().map(|&(t, w)| (Some(t), w));
+    for (k, (t, w)) in terms.chain(rpo).enumerate() {
         let o = Out {
             comp: &mut s.comp[..m],
             dcc: &mut s.dcc[..m],
             dcr: &mut s.dcr[..m],
         };
-        let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(s, identity, t);
-        run_term(t, p, x, pi, il, o);
+        let f = match t {
+            Some(t) => {
+                let (x, f): ([&[T]; 2], [Option<&[T]>; 2]) = basis!(s, c.identity, t);
+                run_term(t, p, c, x, pi, il, o);
+                f
+            }
+            None => {
+                terms::nll(pc, &s.ilc, o);
+                [None, None]
+            }
+        };
+        if let Some((w, scalar)) = weight_of(t, c, inp) {
+            weigh(w, scalar, [&mut s.comp[..m], &mut s.dcc, &mut s.dcr]);
+        }
         accumulate(
             T::from_f64(w),
             &s.comp[..m],
@@ -312,24 +338,6 @@ fn weighted_terms<T: Real>(
             m,
         );
         acc.components[k] = acc.components[k].merge(lane_sum(&s.comp[..m]));
-    }
-    if let Some(a) = cfg.opts.rpo_alpha {
-        let o = Out {
-            comp: &mut s.comp[..m],
-            dcc: &mut s.dcc[..m],
-            dcr: &mut s.dcr[..m],
-        };
-        terms::nll(pc, &s.ilc, o);
-        accumulate(
-            T::from_f64(a),
-            &s.comp[..m],
-            [&s.dcc[..], &s.dcr],
-            [None, None],
-            [&mut s.l[..], &mut s.gc, &mut s.gr],
-            m,
-        );
-        let last = acc.components.len() - 1;
-        acc.components[last] = acc.components[last].merge(lane_sum(&s.comp[..m]));
     }
 }
 

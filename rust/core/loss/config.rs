@@ -40,6 +40,7 @@ pub enum LossType {
     ApoDown,
     Discopop,
     SigmoidNorm,
+    Cdpo,
     Simpo,
     Cpo,
     Orpo,
@@ -51,14 +52,14 @@ pub enum LossType {
 pub(super) enum Basis {
     /// f-divergence scores of the summed log-ratios `u`.
     ScoreU,
-    /// f-divergence scores of the per-token log-ratios `v = u / len`.
+    /// f-divergence scores of the summed log-ratios divided by the length, `s(u) / len`.
     ScoreV,
     /// `u` or `pi` directly (no f-divergence).
     Direct,
 }
 
 impl LossType {
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::Sigmoid,
         Self::Robust,
         Self::Hinge,
@@ -73,6 +74,7 @@ impl LossType {
         Self::ApoDown,
         Self::Discopop,
         Self::SigmoidNorm,
+        Self::Cdpo,
         Self::Simpo,
         Self::Cpo,
         Self::Orpo,
@@ -95,6 +97,7 @@ impl LossType {
             Self::ApoDown => "apo_down",
             Self::Discopop => "discopop",
             Self::SigmoidNorm => "sigmoid_norm",
+            Self::Cdpo => "cdpo",
             Self::Simpo => "simpo",
             Self::Cpo => "cpo",
             Self::Orpo => "orpo",
@@ -119,16 +122,17 @@ impl LossType {
         matches!(self, Self::Simpo | Self::Cpo | Self::Orpo | Self::Sft)
     }
 
-    /// Whether `label_smoothing` changes the loss.
+    /// Whether `label_smoothing` changes the loss: TRL 1.16's `robust`, `exo_pair`, `aot` and
+    /// `aot_unpaired` (its `sigmoid` and `sigmoid_norm` ignore it), and rlox's `cdpo`, `simpo`
+    /// and `cpo`.
     pub fn uses_label_smoothing(self) -> bool {
         matches!(
             self,
-            Self::Sigmoid
-                | Self::Robust
+            Self::Robust
                 | Self::ExoPair
                 | Self::Aot
                 | Self::AotUnpaired
-                | Self::SigmoidNorm
+                | Self::Cdpo
                 | Self::Simpo
                 | Self::Cpo
         )
@@ -139,11 +143,20 @@ impl LossType {
         self.basis() != Basis::Direct
     }
 
+    /// Whether a non-default `f_divergence` may be combined with the type: the margin losses
+    /// (TRL 1.16's and `cdpo`) and `sft` (which ignores it), as TRL 1.16 allows.
+    pub fn takes_f_divergence(self) -> bool {
+        self.uses_divergence() || self == Self::Sft
+    }
+
     pub(super) fn basis(self) -> Basis {
         match self {
-            Self::Sigmoid | Self::Robust | Self::Hinge | Self::ExoPair | Self::Discopop => {
-                Basis::ScoreU
-            }
+            Self::Sigmoid
+            | Self::Robust
+            | Self::Hinge
+            | Self::ExoPair
+            | Self::Discopop
+            | Self::Cdpo => Basis::ScoreU,
             Self::Ipo | Self::SigmoidNorm => Basis::ScoreV,
             _ => Basis::Direct,
         }
@@ -208,7 +221,7 @@ impl Default for LossOptions {
             beta: 0.1,
             label_smoothing: 0.0,
             f_divergence: FDivergence::ReverseKl,
-            f_alpha_divergence_coef: 1.0,
+            f_alpha_divergence_coef: 0.5,
             reference_free: false,
             simpo_gamma: 0.5,
             cpo_alpha: 1.0,
@@ -293,9 +306,9 @@ fn check_ranges(o: &LossOptions) -> Result<()> {
     let a = o.f_alpha_divergence_coef;
     check(
         "f_alpha_divergence_coef",
-        a.is_finite() && a > 0.0,
+        a.is_finite(),
         a,
-        "a finite number > 0",
+        "a finite number",
     )?;
     let g = o.simpo_gamma;
     check("simpo_gamma", g.is_finite(), g, "a finite number")?;
@@ -329,20 +342,33 @@ fn check_combination(types: &[LossType], o: &LossOptions) -> Result<()> {
         ));
     }
     if eps > 0.0 && !types.iter().any(|t| t.uses_label_smoothing()) {
+        let users: Vec<_> = LossType::ALL
+            .iter()
+            .filter(|t| t.uses_label_smoothing())
+            .map(|t| t.name())
+            .collect();
         return Err(RloxError::value(
             "label_smoothing",
             format!(
-                "is {eps} but none of the loss types {:?} uses it",
+                "is {eps} but none of the loss types {:?} uses it; only {users:?} do (sigmoid \
+                 and sigmoid_norm ignore it, as in TRL 1.16); for conservative DPO use \
+                 loss_type=\"cdpo\"",
                 types.iter().map(|t| t.name()).collect::<Vec<_>>()
             ),
         ));
     }
     if o.f_divergence != FDivergence::ReverseKl {
-        if let Some(t) = types.iter().find(|t| !t.uses_divergence()) {
+        if let Some(t) = types.iter().find(|t| !t.takes_f_divergence()) {
+            let allowed: Vec<_> = LossType::ALL
+                .iter()
+                .filter(|t| t.takes_f_divergence())
+                .map(|t| t.name())
+                .collect();
             return Err(RloxError::value(
                 "f_divergence",
                 format!(
-                    "{:?} applies to margin losses only; loss_type {:?} does not use it",
+                    "{:?} is supported only with the loss types {allowed:?}; loss_type {:?} \
+                     needs the default \"reverse_kl\"",
                     o.f_divergence.name(),
                     t.name()
                 ),
@@ -419,6 +445,72 @@ mod tests {
     use super::*;
 
     #[test]
+    fn f_divergence_types_are_trls() {
+        let takes: Vec<_> = LossType::ALL
+            .iter()
+            .filter(|t| t.takes_f_divergence())
+            .map(|t| t.name())
+            .collect();
+        // TRL 1.16's, plus rlox's cdpo (smoothed sigmoid)
+        let want = [
+            "sigmoid",
+            "robust",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "discopop",
+            "sigmoid_norm",
+            "cdpo",
+            "sft",
+        ];
+        assert_eq!(takes, want);
+        let mut o = LossOptions {
+            f_divergence: FDivergence::ForwardKl,
+            ..LossOptions::default()
+        };
+        assert!(LossConfig::new(&[LossType::Sigmoid, LossType::Sft], None, o).is_ok());
+        o.f_divergence = FDivergence::AlphaDivergence;
+        let e = LossConfig::new(&[LossType::Ipo, LossType::Cpo], None, o).unwrap_err();
+        assert_eq!(e.field, "f_divergence");
+        assert!(e.message.contains("\"cpo\""), "{}", e.message);
+        assert_eq!(LossOptions::default().f_alpha_divergence_coef, 0.5);
+    }
+
+    #[test]
+    fn label_smoothing_users_are_trls_and_rloxs() {
+        let users: Vec<_> = LossType::ALL
+            .iter()
+            .filter(|t| t.uses_label_smoothing())
+            .map(|t| t.name())
+            .collect();
+        let want = [
+            "robust",
+            "exo_pair",
+            "aot",
+            "aot_unpaired",
+            "cdpo",
+            "simpo",
+            "cpo",
+        ];
+        assert_eq!(users, want);
+        let smooth = LossOptions {
+            label_smoothing: 0.1,
+            ..LossOptions::default()
+        };
+        for t in [LossType::Sigmoid, LossType::SigmoidNorm] {
+            let e = LossConfig::new(&[t], None, smooth).unwrap_err();
+            assert_eq!(e.field, "label_smoothing");
+            assert!(e.message.contains("\"cdpo\""), "{}", e.message);
+            for u in want {
+                assert!(e.message.contains(&format!("{u:?}")), "{}", e.message);
+            }
+            // with a type that uses it, sigmoid / sigmoid_norm ignore it (as TRL)
+            assert!(LossConfig::new(&[LossType::Robust, t], None, smooth).is_ok());
+        }
+        assert!(LossConfig::new(&[LossType::Cdpo], None, smooth).is_ok());
+    }
+
+    #[test]
     fn errors_name_the_option() {
         assert_eq!(
             LossConfig::single(LossType::Ipo, 0.0, 0.0)
@@ -447,6 +539,12 @@ mod tests {
             bad(&[LossType::Hinge], None, &|o| o.label_smoothing = 0.1),
             "label_smoothing"
         );
+        for t in [LossType::Sigmoid, LossType::SigmoidNorm] {
+            assert_eq!(
+                bad(&[t], None, &|o| o.label_smoothing = 0.1),
+                "label_smoothing"
+            );
+        }
         assert_eq!(
             bad(&[LossType::Robust], None, &|o| o.label_smoothing = 0.5),
             "label_smoothing"
@@ -454,6 +552,12 @@ mod tests {
         assert_eq!(
             bad(&[LossType::NcaPair], None, &|o| o.f_divergence =
                 FDivergence::JsDivergence),
+            "f_divergence"
+        );
+        assert_eq!(
+            bad(&[LossType::Sigmoid, LossType::Simpo], None, &|o| o
+                .f_divergence =
+                FDivergence::AlphaDivergence),
             "f_divergence"
         );
         assert_eq!(
@@ -483,7 +587,7 @@ mod tests {
         );
         assert_eq!(
             bad(&[LossType::Sigmoid], None, &|o| o.f_alpha_divergence_coef =
-                0.0),
+                f64::INFINITY),
             "f_alpha_divergence_coef"
         );
     }
