@@ -36,6 +36,8 @@ bench: install
 	$(PY) benches/bench_text.py
 	$(PY) benches/bench_fit.py
 	$(PY) benches/bench_digest.py
+	$(PY) benches/bench_blockmask.py
+	$(PY) benches/bench_train.py --steps 6 --warmup 1 --repeats 1
 
 lint: install
 	cargo fmt --check

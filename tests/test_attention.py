@@ -14,6 +14,7 @@ from rlox.algorithms.dpo import sequence_logps
 from rlox.attention import attention_mask, attn_implementation
 from rlox.data import LAYOUTS
 from rlox.models import TinyCausalLM, TinyLMConfig
+from rlox.train.logps import accepted_kwargs
 
 VOCAB = 64
 ARCHS = ("gpt2", "llama", "qwen2", "mistral")
@@ -157,10 +158,17 @@ def test_peft_and_ddp_wrappers_use_the_inner_implementation(dataset, tmp_path):
 )
 def test_unsupported_implementation_raises_for_dense_layouts(dataset, impl):
     model = tiny("llama", "sdpa")
+    want = alone(model)
     model.config._attn_implementation = impl
+    dense = accepted_kwargs(model, "dense")
     for layout in ("packed", "prefix_shared"):
         with pytest.raises(TypeError, match=f"{layout} layout.*'{impl}'"):
-            sequence_logps(model, collate(dataset, layout))
+            sequence_logps(model, collate(dataset, layout), dense)
+        # attention="auto" runs sdpa per sequence on CPU, whatever the implementation.
+        torch.testing.assert_close(
+            logps(model, collate(dataset, layout)), want, rtol=1e-5, atol=1e-5
+        )
+        assert model.config._attn_implementation == impl
     # The padded layout passes the 2-D mask: HF builds the mask for its implementation.
     assert attention_mask(model, collate(dataset, "padded")).dim() == 2
 

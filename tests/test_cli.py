@@ -733,3 +733,34 @@ def test_trl_named_trainer_flags(capsys, base_config):
         assert line in out, line
     code, _, err = run(capsys, "train", *flags, "--ref-model-mixup-alpha=0")
     assert_one_line_error(code, err, 2, "--ref-model-mixup-alpha: expected a float in (0, 1]")
+
+
+def test_memory_and_speed_flags(capsys, base_config):
+    """attention, logits_chunk_size, gradient_checkpointing, activation_offloading and compile."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in base_config.items()]
+    defaults = load_train_config(None, base_config).dpo_kwargs()
+    assert defaults["attention"] == "auto" and defaults["logits_chunk_size"] is None
+    assert not any(defaults[k] for k in ("gradient_checkpointing", "activation_offloading"))
+    assert defaults["compile"] is False
+    code, out, _ = run(
+        capsys,
+        "train",
+        *flags,
+        "--attention=varlen",
+        "--logits-chunk-size=0",
+        "--gradient-checkpointing",
+        "--activation-offloading",
+        "--compile",
+        "--print-config",
+    )
+    assert code == 0
+    for line in (
+        'attention = "varlen"',
+        "logits_chunk_size = 0",
+        "gradient_checkpointing = true",
+        "activation_offloading = true",
+        "compile = true",
+    ):
+        assert line in out, line
+    code, _, err = run(capsys, "train", *flags, "--logits-chunk-size=-2")
+    assert_one_line_error(code, err, 2, "--logits-chunk-size", "int >= 0")

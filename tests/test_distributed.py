@@ -220,6 +220,11 @@ def emptied_job(wrap: str, rank: int) -> dict[str, Any]:
         model: torch.nn.Module = torch.nn.parallel.DistributedDataParallel(policy)
     else:
         model = shard(policy)
+    syncs: list[bool] = []
+    if wrap == "fsdp":
+        # Record FSDP2's gradient-sync switches: off for all but the last micro-batch of a step.
+        toggle = model.set_requires_gradient_sync
+        model.set_requires_gradient_sync = lambda on, **kw: syncs.append(on) or toggle(on, **kw)
     trainer = DPO(model, ref, **TRAINER_KW)
     ds = make_emptied_dataset()
     seen: list[dict[str, float]] = []
@@ -241,6 +246,7 @@ def emptied_job(wrap: str, rank: int) -> dict[str, Any]:
         "step": step,
         "step_params": full_params(policy),
         "batch_pairs": batch.num_pairs,
+        "gradient_syncs": syncs,
     }
 
 
@@ -432,8 +438,10 @@ def assert_params_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
 
 
 def assert_metrics_match(got: dict[str, Any], want: dict[str, float], step: int) -> None:
+    # abs 1e-5: a margin is a small difference of rewards near 2, and the one-process run
+    # computes the LM head in chunks where an FSDP2 root runs it whole (float32 rounding).
     for key in RECORD_KEYS:
-        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (step, key)
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-5), (step, key)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -693,7 +701,10 @@ def test_fsdp2_precompute_reference_with_a_sharded_reference(launch):
 
 @pytest.mark.parametrize("job", ["emptied", "fsdp_emptied"])
 def test_a_rank_emptied_by_truncation_joins_with_a_zero_weight_stand_in(launch, job):
-    """DDP and FSDP2: no hang, and fit / evaluate / train_step equal one process on the union."""
+    """DDP and FSDP2: no hang, and fit / evaluate / train_step equal one process on the union.
+
+    abs 1e-5 as in :func:`assert_metrics_match` (chunked vs whole LM head on an FSDP2 root).
+    """
     ranks = launch[1][job]
     want = emptied_reference()
     assert [r["batch_pairs"] for r in ranks] == [2, 0]
@@ -702,16 +713,19 @@ def test_a_rank_emptied_by_truncation_joins_with_a_zero_weight_stand_in(launch, 
         for step, (g, w) in enumerate(zip(got["metrics"], want["metrics"], strict=True)):
             assert g["skipped"] == w["skipped"] == 0.0
             for key in ("loss", "reward_accuracy", "chosen_reward", "grad_norm"):
-                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (step, key)
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-5), (step, key)
         assert_params_close(got["fit_params"], want["fit_params"])
         assert got["eval"]["num_pairs"] == want["eval"]["num_pairs"] == 13
         assert got["eval"]["num_dropped"] == want["eval"]["num_dropped"] == 3
         for key in ("loss", "reward_margin", "chosen_logps"):
-            assert got["eval"][key] == pytest.approx(want["eval"][key], rel=1e-5, abs=1e-6)
+            assert got["eval"][key] == pytest.approx(want["eval"][key], rel=1e-5, abs=1e-5)
         for key in ("loss", "reward_margin", "grad_norm"):
-            assert got["step"][key] == pytest.approx(want["step"][key], rel=1e-5, abs=1e-6)
+            assert got["step"][key] == pytest.approx(want["step"][key], rel=1e-5, abs=1e-5)
         assert got["step"]["skipped"] == 0.0
         assert_params_close(got["step_params"], want["step_params"])
+        # FSDP2 reduce-scatters once per step: 4 steps of 2 micro-batches each switch the sync
+        # off for the first and back on after it; train_step's single batch never switches.
+        assert got["gradient_syncs"] == ([False, True] * 4 if job == "fsdp_emptied" else [])
 
 
 if __name__ == "__main__":

@@ -117,9 +117,9 @@ class PairStore:
         **options: Any,
     ) -> dict[str, Any]:
         """Arrays of a collated batch: input_ids, attention_mask, position_ids, loss_mask,
-        sequence_ids (R, L); cu_seqlens (S + 1,); segment_ends (B, 3); pair_index, skipped,
-        prompt/chosen/rejected_lengths (B,); plan_row, plan_position, plan_target, plan_pair,
-        plan_side (N,); num_truncated (int).
+        sequence_ids (R, L); cu_seqlens (S + 1,); segment_ends (B, 3); attn_segments (S, 5);
+        pair_index, skipped, prompt/chosen/rejected_lengths (B,); plan_row, plan_position,
+        plan_target, plan_pair, plan_side (N,); num_truncated (int).
 
         Options: layout, max_length, max_prompt_length, truncation, pad_token_id,
         pad_to_multiple_of, pack_length; any other key is a TypeError."""
@@ -146,3 +146,20 @@ class TokenEncoder:
 
 def crc32(array: npt.NDArray[Any]) -> int:
     """CRC-32 of a contiguous array's bytes."""
+
+def flex_blocks(
+    attn_segments: npt.NDArray[np.int32],
+    rows: int,
+    length: int,
+    q_block: int = 128,
+    kv_block: int = 128,
+) -> dict[str, npt.NDArray[np.int32]]:
+    """FlexAttention blocks of ``(S, 5)`` attention segments over ``(rows, length)`` tokens.
+
+    ``kv_num_blocks``/``full_kv_num_blocks`` (R, 1, QB) and ``kv_indices``/``full_kv_indices``
+    (R, 1, QB, KB), the partial and fully visible key blocks of each query block (as
+    ``BlockMask.from_kv_blocks`` takes them); ``seg_start``, ``prefix_start``, ``prefix_end``
+    (R, L) per token (padding: its own position). ValueError names ``attn_segments`` and the
+    segment index for a segment outside its row, overlapping another or with a prefix that does
+    not end before it.
+    """

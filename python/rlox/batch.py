@@ -62,6 +62,9 @@ class PairBatch(Mapping):
     layout: str = "padded"
     cu_seqlens: Tensor | None = None  # packed: (S + 1,) int32 over the flattened (R * L) stream
     segment_ends: Tensor | None = None  # prefix_shared: (B, 3) ends of prompt, chosen, rejected
+    # packed / prefix_shared: (S, 5) int32 [row, q_start, q_end, prefix_start, prefix_end]; the
+    # queries [q_start, q_end) see keys [q_start, q] causally and [prefix_start, prefix_end).
+    attn_segments: Tensor | None = None
     pair_index: Tensor | None = None  # (B,) store index of each pair
     skipped: Tensor | None = None  # store indices of pairs dropped by truncation
     num_truncated: int = 0
@@ -177,6 +180,8 @@ def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
         kw["cu_seqlens"] = None
     if layout != "prefix_shared":
         kw["segment_ends"] = None
+    if layout == "padded":
+        kw["attn_segments"] = None
     # Every field is given, so fill the frozen instance directly (its __init__ costs about as
     # much again for ~20 fields); numpy arrays turn into tensors on first access.
     batch = object.__new__(PairBatch)

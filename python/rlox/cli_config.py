@@ -237,6 +237,23 @@ class TrainConfig:
     bco_running_mean: bool = _dpo(
         "bco_running_mean", bool_kind(), "bco_pair: shift rewards by their running mean"
     )
+    attention: str = _dpo(
+        "attention",
+        choice_kind(("auto", "flex", "varlen", "dense")),
+        "how packed / prefix_shared rows attend: auto, flex (CUDA), varlen or dense",
+    )
+    logits_chunk_size: int | None = _dpo(
+        "logits_chunk_size",
+        int_kind(0, optional=True),
+        "LM-head rows per chunk (default: by vocabulary size; 0: all at once)",
+    )
+    gradient_checkpointing: bool = _dpo(
+        "gradient_checkpointing", bool_kind(), "recompute the policy's activations in backward"
+    )
+    activation_offloading: bool = _dpo(
+        "activation_offloading", bool_kind(), "saved activations in pinned CPU memory (CUDA)"
+    )
+    compile: bool = _dpo("compile", bool_kind(), "torch.compile the model forwards")
     router_aux_loss_coef: float | None = _dpo(
         "router_aux_loss_coef",
         float_kind(0, optional=True),

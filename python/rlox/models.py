@@ -9,17 +9,24 @@ supports everything the DPO trainer needs:
 * a 4-D boolean ``(B, 1, T, T)`` mask (``True`` = query may attend key) that
   is used as given, for packed or prefix-shared layouts;
 * explicit ``position_ids`` so that left-padded or packed rows can restart
-  their positions at 0.
+  their positions at 0;
+* ``attn_segments``: per-sequence attention without any (T, T) mask
+  (:mod:`rlox.attention_varlen`), and a FlexAttention ``BlockMask`` as
+  ``attention_mask``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from rlox.attention_varlen import VarlenPlan, segment_attention
 
 __all__ = ["TinyLMConfig", "TinyCausalLM", "build_attention_mask", "generate_greedy"]
 
@@ -107,6 +114,20 @@ def build_attention_mask(
     return mask | (empty_rows & eye)
 
 
+_COMPILED_FLEX: list[Any] = []
+
+
+def _flex_attention(cuda: bool) -> Any:
+    """FlexAttention, compiled once into fused kernels on CUDA (eager elsewhere)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if not _COMPILED_FLEX:
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
+    return _COMPILED_FLEX[0]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention over a boolean mask via ``scaled_dot_product_attention``."""
 
@@ -118,8 +139,9 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out = nn.Linear(config.d_model, config.d_model)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``x``: ``(B, T, D)``; ``mask``: boolean, broadcastable to ``(B, H, T, T)``."""
+    def forward(self, x: Tensor, mask: Any) -> Tensor:
+        """``x``: ``(B, T, D)``; ``mask``: boolean, broadcastable to ``(B, H, T, T)``, a
+        :class:`~rlox.attention_varlen.VarlenPlan`, or a FlexAttention ``BlockMask``."""
         batch, seq_len, d_model = x.shape
         q, k, v = (
             self.qkv(x)
@@ -127,9 +149,16 @@ class CausalSelfAttention(nn.Module):
             .permute(2, 0, 3, 1, 4)
             .unbind(0)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout = self.dropout if self.training else 0.0
+        if isinstance(mask, VarlenPlan):
+            y = segment_attention(q, k, v, mask, dropout=dropout)
+            return self.out(y.reshape(batch, seq_len, d_model))
+        if isinstance(mask, Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            if dropout:
+                raise ValueError("attention_mask: a BlockMask (flex attention) takes no dropout")
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, seq_len, d_model))
 
 
@@ -149,8 +178,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``x``: ``(B, T, D)`` -> ``(B, T, D)``."""
+    def forward(self, x: Tensor, mask: Any) -> Tensor:
+        """``x``: ``(B, T, D)`` -> ``(B, T, D)``; ``mask`` as in :class:`CausalSelfAttention`."""
         x = x + self.drop(self.attn(self.ln_attn(x), mask))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
@@ -163,6 +192,8 @@ class TinyCausalLM(nn.Module):
         >>> model(torch.zeros(2, 5, dtype=torch.long)).shape
         torch.Size([2, 5, 16])
     """
+
+    _supports_flex_attn = True
 
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__()
@@ -180,6 +211,12 @@ class TinyCausalLM(nn.Module):
             nn.init.normal_(block.mlp[2].weight, std=residual_std)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Any = None) -> None:
+        """Recompute each block's activations in the backward while training (non-reentrant
+        ``torch.utils.checkpoint``); ``gradient_checkpointing_kwargs`` is accepted and ignored."""
+        self.gradient_checkpointing = True
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -194,6 +231,8 @@ class TinyCausalLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         logits_at: tuple[Tensor, Tensor] | None = None,
+        hidden_at: tuple[Tensor, Tensor] | None = None,
+        attn_segments: Tensor | VarlenPlan | None = None,
     ) -> Tensor:
         """Compute next-token logits.
 
@@ -205,6 +244,12 @@ class TinyCausalLM(nn.Module):
             position_ids: ``(B, T)`` int64 positions; default ``0..T-1`` per row.
             logits_at: ``(rows, positions)``, two ``(N,)`` int64 tensors; when given, the
                 LM head runs only at those points.
+            hidden_at: ``(rows, positions)`` like ``logits_at``; returns the ``(N, d_model)``
+                final hidden states there instead (the LM head's input, see
+                :meth:`get_output_embeddings`).
+            attn_segments: ``(S, 5)`` attention segments or a
+                :class:`~rlox.attention_varlen.VarlenPlan`: each sequence attends on its own
+                (``attention_mask`` is then ignored); outputs at padding are meaningless.
 
         Returns:
             ``(B, T, vocab_size)`` float32 logits, or ``(N, vocab_size)`` with ``logits_at``;
@@ -228,13 +273,28 @@ class TinyCausalLM(nn.Module):
                     f"position ids must lie in [0, {self.config.max_seq_len}), "
                     f"got [{lowest}, {highest}]"
                 )
-        mask = build_attention_mask(attention_mask, batch, seq_len, device)
+        if attn_segments is not None:
+            mask: Any = VarlenPlan.of(attn_segments, batch, seq_len, device)
+        elif attention_mask is not None and not isinstance(attention_mask, Tensor):
+            mask = attention_mask  # a FlexAttention BlockMask
+        else:
+            mask = build_attention_mask(attention_mask, batch, seq_len, device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(position_ids))
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, mask)
+            if recompute:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        if hidden_at is not None:
+            return self.ln_f(x[hidden_at])
         if logits_at is not None:
             x = x[logits_at]
         return self.lm_head(self.ln_f(x)).float()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        """The LM head, ``(vocab_size, d_model)`` weight."""
+        return self.lm_head
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+use super::attn;
 use super::errors::{Result, RloxError};
 use super::store::{check_ids, Ints, PairRef};
 
@@ -278,6 +279,8 @@ pub struct Collated {
     pub cu_seqlens: Vec<i32>,
     /// prefix_shared: `(B, 3)` ends of prompt, chosen and rejected within the row.
     pub segment_ends: Vec<i64>,
+    /// packed and prefix_shared: `(S, 5)` attention segments (see [`crate::core::attn`]).
+    pub attn_segments: Vec<i32>,
     /// `(B,)` store index of each kept pair.
     pub pair_index: Vec<i64>,
     /// Store indices of pairs dropped because a completion kept no token.
@@ -629,6 +632,7 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             ));
         }
         out.cu_seqlens = cu.into_iter().map(|x| x as i32).collect();
+        out.attn_segments = attn::packed_segments(&out.cu_seqlens, length, &out.sequence_ids);
     }
     if o.layout == Layout::PrefixShared {
         out.segment_ends = cuts
@@ -638,6 +642,7 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
                 [p as i64, pc as i64, (pc + c.rejected) as i64]
             })
             .collect();
+        out.attn_segments = attn::prefix_shared_segments(&out.segment_ends);
     }
     out.pair_index = kept.iter().map(|k| k.0.index as i64).collect();
     out.truncated = cuts.iter().filter(|c| c.truncated).count();

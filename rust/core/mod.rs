@@ -1,5 +1,6 @@
 //! Pure-Rust core: no Python types. Every function takes slices and returns `RloxError` on bad input.
 
+pub mod attn;
 pub mod collate;
 pub mod disk;
 pub mod errors;

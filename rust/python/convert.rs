@@ -162,6 +162,8 @@ pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound
     out.set_item("cu_seqlens", PyArray1::from_vec(py, b.cu_seqlens))?;
     let segment_rows = b.segment_ends.len() / 3;
     out.set_item("segment_ends", matrix(py, b.segment_ends, segment_rows, 3)?)?;
+    let attn_rows = b.attn_segments.len() / 5;
+    out.set_item("attn_segments", matrix(py, b.attn_segments, attn_rows, 5)?)?;
     out.set_item("num_truncated", b.truncated)?;
     for (key, v) in [
         ("pair_index", b.pair_index),

@@ -1,5 +1,6 @@
 //! PyO3 bindings: type conversion, GIL release and error mapping only.
 
+mod attn;
 mod convert;
 mod data;
 mod errors;
@@ -14,6 +15,7 @@ fn _rlox(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::register(m)?;
     data::register(m)?;
     text::register(m)?;
+    attn::register(m)?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ from rlox.data import PreferenceDataset
 from rlox.losses import SORTED_TYPES, check_loss_options
 from rlox.optimizers import default_optimizer
 from rlox.tracking import RECORD_METRICS
-from rlox.train import dropout, loop, objective, reference, saved
+from rlox.train import dropout, execution, loop, objective, reference, saved
 from rlox.train.config import DPOConfig, EvalConfig, FitConfig, ReferenceConfig
 from rlox.train.distributed import process_group, unwrap
 from rlox.train.logps import (
@@ -98,6 +98,20 @@ class DPO:
             Set and non-zero on a model without router logits: ``ValueError``.
         bco_running_mean: ``bco_pair`` shifts rewards by their running mean over all training
             batches so far (the BCO paper; kept in checkpoints). Off: no shift, as in TRL 1.16.
+        attention: how packed and prefix-shared rows attend (:mod:`rlox.attention`):
+            ``"dense"`` (an (R, 1, L, L) mask), ``"varlen"`` (sdpa per sequence), ``"flex"``
+            (FlexAttention, CUDA only) or ``"auto"`` (flex on CUDA where supported, else varlen
+            where the model allows, else dense). The padded layout always uses its 2-D mask.
+        logits_chunk_size: the LM head runs on this many completion tokens at a time and its
+            backward recomputes their logits (:mod:`rlox.train.head`), so head memory is
+            O(chunk x V). None: ``2**24 // V`` rows (64 MiB of float32 logits); 0: all at once.
+        gradient_checkpointing: recompute the policy's activations in the backward
+            (non-reentrant; Hugging Face models and ``TinyCausalLM``): less memory, one more
+            forward per step.
+        activation_offloading: keep the policy's saved activations in pinned CPU memory
+            (``torch.autograd.graph.save_on_cpu``); CUDA models only.
+        compile: ``torch.compile`` the forward of the policy and the reference (the decoder where
+            the LM head splits off), in place, so checkpoints keep their parameter names.
     """
 
     def __init__(
@@ -130,6 +144,11 @@ class DPO:
         ref_model_sync_steps: int = 512,
         router_aux_loss_coef: float | None = None,
         bco_running_mean: bool = False,
+        attention: str = "auto",
+        logits_chunk_size: int | None = None,
+        gradient_checkpointing: bool = False,
+        activation_offloading: bool = False,
+        compile: bool = False,
     ) -> None:
         config = DPOConfig.from_arguments(_fields_of(DPOConfig, locals()))
         self._loss_options = config.loss_options()
@@ -157,11 +176,13 @@ class DPO:
         self.skipped_steps = 0
         # Look through a DistributedDataParallel wrapper: it passes keywords to the module as given.
         self.vocab_size = model_vocab_size(unwrap(model))
-        self._policy_kwargs = accepted_kwargs(unwrap(model))
+        self._policy_kwargs = accepted_kwargs(unwrap(model), config.attention)
         self._reference_weights = reference.ReferenceWeights(self._reference_module)
         self._warned_zero_lr = False
         if self.ref_model is not None:
-            self._ref_kwargs: frozenset[str] | None = accepted_kwargs(self.ref_model)
+            self._ref_kwargs: frozenset[str] | None = accepted_kwargs(
+                self.ref_model, config.attention
+            )
         else:
             self._ref_kwargs = self._policy_kwargs if peft_reference else None
         self._components = tuple(info["components"])
@@ -175,6 +196,14 @@ class DPO:
             dropout.disable_dropout(unwrap(model))
             if self.ref_model is not None:
                 dropout.disable_dropout(self.ref_model)
+        if config.activation_offloading:
+            execution.check_offloading(model)
+        execution.prepare_models(
+            model,
+            self.ref_model,
+            gradient_checkpointing=config.gradient_checkpointing,
+            compile=config.compile,
+        )
         self._sync = (
             ReferenceSync(
                 model, self.ref_model, config.ref_model_mixup_alpha, config.ref_model_sync_steps

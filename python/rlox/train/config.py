@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rlox.attention import check_attention
 from rlox.losses import LOSS_DEFAULTS
 from rlox.trackers import report_to_names
 
@@ -101,6 +102,11 @@ class DPOConfig:
     ref_model_sync_steps: int = 512
     router_aux_loss_coef: float | None = None
     bco_running_mean: bool = False
+    attention: str = "auto"
+    logits_chunk_size: int | None = None
+    gradient_checkpointing: bool = False
+    activation_offloading: bool = False
+    compile: bool = False
 
     @classmethod
     def from_arguments(cls, kwargs: dict[str, Any]) -> DPOConfig:
@@ -131,17 +137,21 @@ class DPOConfig:
             raise ValueError(f"max_grad_norm: must be > 0 or None, got {max_norm}")
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)):
             raise TypeError(f"pad_token_id: expected an int or None, got {type(pad).__name__}")
-        for name in ("disable_dropout", "use_weighting", "sync_ref_model", "bco_running_mean"):
+        flags = ("disable_dropout", "use_weighting", "sync_ref_model", "bco_running_mean")
+        for name in (*flags, "gradient_checkpointing", "activation_offloading", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"{name}: expected a bool, got {type(getattr(self, name)).__name__}"
                 )
+        check_attention(self.attention)
         alpha, coef = self.ref_model_mixup_alpha, self.router_aux_loss_coef
         if isinstance(alpha, bool) or not isinstance(alpha, int | float):
             raise TypeError(f"ref_model_mixup_alpha: expected a float, got {type(alpha).__name__}")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"ref_model_mixup_alpha: must be in (0, 1], got {alpha}")
         _check_count("ref_model_sync_steps", self.ref_model_sync_steps, 1)
+        if self.logits_chunk_size is not None:
+            _check_count("logits_chunk_size", self.logits_chunk_size, 0)
         if coef is not None:
             if isinstance(coef, bool) or not isinstance(coef, int | float):
                 raise TypeError(

@@ -5,12 +5,15 @@ Every function works without an initialised process group (one process, rank 0 o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "gradient_sync",
     "all_agree",
     "all_reduce",
     "full_tensor",
@@ -80,6 +83,30 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or the whole tensor of a DTensor (a collective: every rank must call it)."""
     dtensor = _dtensor_type()
     return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Backward passes inside reduce gradients across ranks only when ``sync``.
+
+    For all but the last micro-batch of an accumulated step: ``DistributedDataParallel``'s
+    ``no_sync``, or FSDP2's ``set_requires_gradient_sync(False)`` (gradients then accumulate
+    unsharded on each rank until the last micro-batch reduce-scatters their sum). Outside
+    ``torch.distributed`` it does nothing.
+    """
+    if sync:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif is_fsdp_root(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def is_fsdp_root(model: nn.Module) -> bool:

@@ -3,22 +3,24 @@
 :func:`sequence_logps` runs a model on a :class:`~rlox.data.PairBatch` in any layout and sums
 log p(token | prefix) over each completion. Where the model allows it (``logits_at=`` of
 ``rlox.models.TinyCausalLM``, Hugging Face causal LMs whose logits are ``lm_head(hidden)``) the
-LM head runs only at the plan's points, never over the whole sequence. :func:`sequence_stats`
+LM head runs only at the plan's points, never over the whole sequence, in chunks of rows
+(:mod:`rlox.train.head`). :func:`sequence_stats`
 returns, from the same forward, the WPO weights and a mixture-of-experts router loss too.
 """
 
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rlox.attention import attention_mask
+from rlox.attention import ForwardKeywords, forward_keywords, route_context
 from rlox.batch import PairBatch, collate_pairs
-from rlox.train import moe
+from rlox.train import head, moe
 from rlox.train.distributed import is_fsdp_root
 
 __all__ = [
@@ -58,23 +60,24 @@ def model_vocab_size(model: nn.Module) -> int | None:
     return max(sizes) if sizes else None
 
 
-def accepted_kwargs(model: nn.Module) -> frozenset[str]:
+def accepted_kwargs(model: nn.Module, attention: str = "auto") -> ForwardKeywords:
+    """The forward keywords rlox may pass to ``model``, with the ``attention`` route asked for."""
     params = inspect.signature(model.forward).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return frozenset({"attention_mask", "position_ids"})
-    return frozenset(params) & {"attention_mask", "position_ids", "use_cache", "logits_at"}
+        return ForwardKeywords({"attention_mask", "position_ids"}, attention, model)
+    names = {"attention_mask", "position_ids", "use_cache", "logits_at", "hidden_at"}
+    names.add("attn_segments")
+    return ForwardKeywords(frozenset(params) & names, attention, model)
 
 
 def _forward_kwargs(batch: PairBatch, accepted: frozenset[str], model: nn.Module) -> dict[str, Any]:
-    """Keywords for ``model``'s forward; the mask suits its attention (:mod:`rlox.attention`)."""
+    """Keywords for ``model``'s forward; the mask or segments of its route (:mod:`rlox.attention`)."""
     if batch.layout != "padded" and not {"attention_mask", "position_ids"} <= accepted:
         raise TypeError(
             f"model: the {batch.layout} layout needs a forward that accepts attention_mask "
             "(an (R, 1, L, L) mask, see rlox.attention) and position_ids"
         )
-    kwargs: dict[str, Any] = {}
-    if "attention_mask" in accepted:
-        kwargs["attention_mask"] = attention_mask(model, batch)
+    kwargs: dict[str, Any] = forward_keywords(model, batch, accepted)
     if "position_ids" in accepted:
         kwargs["position_ids"] = batch.position_ids
     if "use_cache" in accepted:
@@ -161,7 +164,7 @@ def _router_loss(
 def _full_forward(
     model: nn.Module, batch: PairBatch, kwargs: dict[str, Any], router_aux: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """:func:`_plan_logits` through the model's whole forward (its LM head over every position)."""
+    """:func:`_plan_outputs` through the model's whole forward (its LM head over every position)."""
     dense = router_aux and batch.layout != "padded"
     if dense:
         # The model's own aux loss would read the 4-D attention mask as a token mask: record
@@ -186,16 +189,22 @@ def _full_forward(
     return logits[points], _router_loss(model, batch, router, own)
 
 
-def _plan_logits(
+def _plan_outputs(
     model: nn.Module, batch: PairBatch, accepted: frozenset[str], router_aux: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """(N, V) logits at the gather plan's (row, position) points only, where the model allows,
-    and with ``router_aux`` the () router load-balancing loss (see :func:`_router_loss`).
+) -> tuple[Tensor, nn.Module | None, Tensor | None]:
+    """What predicts the gather plan's (row, position) points, and with ``router_aux`` the ()
+    router load-balancing loss (see :func:`_router_loss`).
+
+    ``(hidden (N, H), lm_head, aux)`` where the head splits off (Hugging Face causal LMs,
+    ``hidden_at=`` of :class:`rlox.models.TinyCausalLM`), else ``(logits (N, V), None, aux)``.
     """
     kwargs = _forward_kwargs(batch, accepted, model)
     points = (batch.plan_row, batch.plan_position)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if "hidden_at" in accepted and callable(get_head) and not router_aux:
+        return model(batch.input_ids, hidden_at=points, **kwargs), get_head(), None
     if "logits_at" in accepted and not router_aux:
-        return model(batch.input_ids, logits_at=points, **kwargs), None
+        return model(batch.input_ids, logits_at=points, **kwargs), None, None
     if moe.is_moe(model):
         # Explicit either way: a config default of True would otherwise have the full forward
         # compute an aux loss (wasted work, and an error under a 4-D attention mask).
@@ -203,12 +212,20 @@ def _plan_logits(
     # The head split needs the router loss computable from the decoder's router logits.
     split = _split_head(model) if not router_aux or moe.can_compute_loss(model) else None
     if split is None:
-        return _full_forward(model, batch, kwargs, router_aux)
+        logits, aux = _full_forward(model, batch, kwargs, router_aux)
+        return logits, None, aux
     base, head = split
     out = base(batch.input_ids, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     aux = _router_loss(model, batch, _router_logits(out), None) if router_aux else None
-    return head(hidden[points]), aux
+    return hidden[points], head, aux
+
+
+def _head_vocab(lm_head: nn.Module) -> int:
+    weight = getattr(lm_head, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return int(lm_head.out_features)
 
 
 def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
@@ -231,18 +248,10 @@ def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
     return torch.where(inside, 1.0, ld_alpha).to(torch.float32)
 
 
-def _wpo_log_weights(
-    picked: Tensor, token_logps: Tensor, lse: Tensor, index: Tensor, n: int
-) -> Tensor:
-    """(n,) per-sequence mean of log p(y_t) - log sum_v p(v)^2 (WPO, Zhou et al. 2024, eq. 2).
-
-    ``picked``: (N, V) float32 plan logits, ``token_logps``/``lse``: (N,) unweighted token
-    log-probs and logsumexp, ``index``: (N,) sequence of each point. No gradient.
-    """
+def _sequence_means(per_token: Tensor, index: Tensor, n: int) -> Tensor:
+    """(n,) mean of the (N,) ``per_token`` values of each sequence (``index``), no gradient."""
     with torch.no_grad():
-        log_sum_sq = (2 * picked).logsumexp(-1) - 2 * lse  # log sum_v p(v)^2
-        per_token = token_logps - log_sum_sq
-        sums = torch.zeros(n, dtype=torch.float32, device=picked.device)
+        sums = torch.zeros(n, dtype=torch.float32, device=per_token.device)
         sums.index_add_(0, index, per_token)
         return sums / torch.bincount(index, minlength=n).clamp_min(1)
 
@@ -256,6 +265,7 @@ def sequence_stats(
     autocast: torch.dtype | None = None,
     wpo: bool = False,
     router_aux: bool = False,
+    logits_chunk_size: int | None = None,
 ) -> SequenceStats:
     """Completion log-probs, and optionally WPO weights and the MoE router loss, in one forward.
 
@@ -267,6 +277,8 @@ def sequence_stats(
     ``output_router_logits``; else ``ValueError``) over the batch's real tokens: for the padded
     layout the model's own ``aux_loss``; for packed rows the same value (each token counted
     once); for prefix_shared rows each shared prompt token counts once, not once per completion.
+    Where the LM head splits off, it runs in chunks of ``logits_chunk_size`` rows
+    (:mod:`rlox.train.head`; None: chosen by the vocabulary size, 0: all rows at once).
     """
     if router_aux and not moe.is_moe(model):
         raise ValueError(
@@ -281,29 +293,29 @@ def sequence_stats(
     top = int(targets.max()) if targets.numel() and targets.device.type == "cpu" else None
     batch = batch.to(device)
     b = batch.num_pairs
-    if autocast is None:
-        picked, aux = _plan_logits(model, batch, accepted, router_aux)
-    else:
-        with torch.autocast(device_type=device.type, dtype=autocast):
-            picked, aux = _plan_logits(model, batch, accepted, router_aux)
-    picked = picked.float()
-    vocab = picked.shape[-1]
-    if picked.dim() != 2 or picked.shape[0] != batch.plan_target.shape[0]:
-        raise ValueError(f"model: expected ({batch.plan_target.shape[0]}, V) plan logits")
-    if top is None and picked.shape[0]:
-        top = int(batch.plan_target.max())
-    if top is not None and top >= vocab:
-        i = int((batch.plan_target >= vocab).nonzero()[0, 0])
-        side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
-        raise ValueError(
-            f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary (V={vocab})"
-        )
-    lse = picked.logsumexp(-1)
-    token_logps = picked.gather(1, batch.plan_target[:, None]).squeeze(1) - lse
+    amp = nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
+    with route_context(model, batch, accepted), amp:
+        x, lm_head, aux = _plan_outputs(model, batch, accepted, router_aux)
+        n = batch.plan_target.shape[0]
+        vocab = x.shape[-1] if lm_head is None else _head_vocab(lm_head)
+        if x.dim() != 2 or x.shape[0] != n:
+            raise ValueError(f"model: expected ({n}, V) plan logits")
+        if top is None and n:
+            top = int(batch.plan_target.max())
+        if top is not None and top >= vocab:
+            i = int((batch.plan_target >= vocab).nonzero()[0, 0])
+            side = "chosen" if int(batch.plan_side[i]) == 0 else "rejected"
+            raise ValueError(
+                f"{side}[{int(batch.plan_pair[i])}]: token id is outside the model's vocabulary "
+                f"(V={vocab})"
+            )
+        if lm_head is None:
+            token_logps, wpo_stat = head.logits_token_logps(x, batch.plan_target, wpo)
+        else:
+            rows = head.chunk_rows(logits_chunk_size, vocab)
+            token_logps, wpo_stat = head.head_token_logps(x, lm_head, batch.plan_target, rows, wpo)
     index = batch.plan_side * b + batch.plan_pair
-    weights = None
-    if wpo:
-        weights = _wpo_log_weights(picked, token_logps.detach(), lse.detach(), index, 2 * b)
+    weights = None if wpo_stat is None else _sequence_means(wpo_stat, index, 2 * b)
     if ld_alpha is not None and ld_alpha != 1.0:
         token_logps = token_logps * _ld_weights(batch, ld_alpha)
     logps = torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
@@ -317,6 +329,7 @@ def sequence_logps(
     *,
     ld_alpha: float | None = None,
     autocast: torch.dtype | None = None,
+    logits_chunk_size: int | None = None,
 ) -> Tensor:
     """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens.
 
@@ -326,8 +339,16 @@ def sequence_logps(
     With ``ld_alpha`` (LD-DPO, Liu et al. 2024) tokens beyond the shorter completion of each pair
     count with weight ``ld_alpha``. ``autocast`` (e.g. ``torch.bfloat16``) runs the model's
     forward under ``torch.autocast``; the log-softmax and sums stay in float32.
+    ``logits_chunk_size``: rows of logits at a time (:func:`sequence_stats`).
     """
-    return sequence_stats(model, batch, accepted, ld_alpha=ld_alpha, autocast=autocast).logps
+    return sequence_stats(
+        model,
+        batch,
+        accepted,
+        ld_alpha=ld_alpha,
+        autocast=autocast,
+        logits_chunk_size=logits_chunk_size,
+    ).logps
 
 
 def stand_in_batch() -> PairBatch:

@@ -8,7 +8,6 @@ logging and checkpoints; each of its methods is one part of the loop.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -28,7 +27,13 @@ from rlox.data import PairBatch, PreferenceDataset
 from rlox.trackers import Trackers, report_to_names, require_trackers, run_config
 from rlox.tracking import RECORD_METRICS, MetricsWriter, format_record, make_record
 from rlox.train.config import LR_SCHEDULERS, RESUME_LOOSE, RESUME_STRICT, FitConfig
-from rlox.train.distributed import all_reduce, process_group, rank_world, unwrap
+from rlox.train.distributed import (
+    all_reduce,
+    gradient_sync,
+    process_group,
+    rank_world,
+    unwrap,
+)
 from rlox.train.logps import stand_in_batch
 from rlox.train.protocol import Trainer
 from rlox.train.reference import CachedReference
@@ -161,11 +166,9 @@ def fit_step(
     lr = float(trainer.optimizer.param_groups[0]["lr"])
     model.train()
     trainer.optimizer.zero_grad(set_to_none=True)
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for i, batch in enumerate(work):
-        last = i == len(work) - 1
         n = batch.num_pairs
-        with contextlib.nullcontext() if last or not ddp else model.no_sync():
+        with gradient_sync(model, sync=i == len(work) - 1):
             if n:
                 ref = reference(batch) if reference is not None else None
                 loss, metrics = trainer._loss(

@@ -16,6 +16,7 @@ from torch import Tensor
 from rlox.batch import PairBatch
 from rlox.losses import dpo_loss
 from rlox.tracking import RECORD_METRICS
+from rlox.train import execution
 from rlox.train.distributed import unwrap
 from rlox.train.logps import sequence_logps, sequence_stats
 from rlox.train.protocol import Trainer
@@ -26,10 +27,16 @@ __all__ = ["batch_loss", "bco_delta", "reference_logps"]
 def reference_logps(trainer: Trainer, batch: PairBatch) -> Tensor:
     """(2B,) float32 reference log-probs from the reference model or the adapter-free policy."""
     ld_alpha, autocast = trainer.config.ld_alpha, trainer._autocast
+    chunk = trainer.config.logits_chunk_size
     if trainer.ref_model is not None:
         with torch.no_grad():
             return sequence_logps(
-                trainer.ref_model, batch, trainer._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
+                trainer.ref_model,
+                batch,
+                trainer._ref_kwargs,
+                ld_alpha=ld_alpha,
+                autocast=autocast,
+                logits_chunk_size=chunk,
             )
     if trainer._peft_reference:
         model = unwrap(trainer.model)
@@ -38,7 +45,12 @@ def reference_logps(trainer: Trainer, batch: PairBatch) -> Tensor:
         try:
             with model.disable_adapter(), torch.no_grad():
                 return sequence_logps(
-                    model, batch, trainer._ref_kwargs, ld_alpha=ld_alpha, autocast=autocast
+                    model,
+                    batch,
+                    trainer._ref_kwargs,
+                    ld_alpha=ld_alpha,
+                    autocast=autocast,
+                    logits_chunk_size=chunk,
                 )
         finally:
             for m, mode in modes:
@@ -112,15 +124,17 @@ def batch_loss(
     # Training goes through a DDP wrapper (its gradient hooks); evaluation needs none.
     model = trainer.model if training else unwrap(trainer.model)
     batch = batch.to(next(model.parameters()).device)  # once, for policy and reference
-    stats = sequence_stats(
-        model,
-        batch,
-        trainer._policy_kwargs,
-        ld_alpha=cfg.ld_alpha,
-        autocast=trainer._autocast,
-        wpo=cfg.use_weighting,
-        router_aux=trainer._aux_coef != 0.0,
-    )
+    with execution.policy_forward(cfg.activation_offloading and training):
+        stats = sequence_stats(
+            model,
+            batch,
+            trainer._policy_kwargs,
+            ld_alpha=cfg.ld_alpha,
+            autocast=trainer._autocast,
+            wpo=cfg.use_weighting,
+            router_aux=trainer._aux_coef != 0.0,
+            logits_chunk_size=cfg.logits_chunk_size,
+        )
     policy = stats.logps
     with torch.no_grad():
         if ref is None and trainer._needs_reference:

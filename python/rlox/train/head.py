@@ -1,0 +1,123 @@
+"""The LM head at completion positions, in chunks of rows: token log-probs without (N, V) logits.
+
+:func:`head_token_logps` turns the (N, H) hidden states that predict the N completion tokens of a
+batch into their (N,) log-probs. With ``chunk_size`` rows per chunk, the forward keeps only the
+hidden states and, per token, the target logit and the logsumexp; the backward recomputes each
+chunk's logits. Peak head memory is O(chunk_size * V) instead of O(N * V), and the values and
+gradients are those of the plain ``log_softmax(head(hidden))[target]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LOGITS_BUDGET", "chunk_rows", "head_token_logps", "logits_token_logps"]
+
+# Elements of one chunk's float32 logits (64 MiB): 128 rows at V = 128k, 2,048 at V = 32k.
+LOGITS_BUDGET = 1 << 24
+
+
+def chunk_rows(logits_chunk_size: int | None, vocab: int) -> int:
+    """Rows per chunk: ``logits_chunk_size`` when given (0 = unchunked), else
+    ``LOGITS_BUDGET // vocab`` (at least 1)."""
+    if logits_chunk_size is not None:
+        return logits_chunk_size
+    return max(1, LOGITS_BUDGET // max(1, vocab))
+
+
+def logits_token_logps(logits: Tensor, targets: Tensor, wpo: bool) -> tuple[Tensor, Tensor | None]:
+    """(N,) float32 log p(target) from (N, V) logits, and with ``wpo`` the (N,) no-grad
+    ``log p(target) - log sum_v p(v)^2`` (WPO, Zhou et al. 2024)."""
+    logits = logits.float()
+    lse = logits.logsumexp(-1)
+    token = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    if not wpo:
+        return token, None
+    with torch.no_grad():
+        return token, token - ((2 * logits).logsumexp(-1) - 2 * lse)
+
+
+def _chunkable(head: nn.Module) -> bool:
+    """A plain ``nn.Linear`` whose call adds nothing (no hooks, no sharded weight)."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return False
+    return all(type(p) in (nn.Parameter, Tensor) for p in head.parameters())
+
+
+class _ChunkedLogps(torch.autograd.Function):
+    """(N,) log p(target) of ``hidden @ weight.T + bias``, chunk by chunk (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk, wpo):  # noqa: ANN001, ANN205
+        n = hidden.shape[0]
+        token = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        stat = torch.empty(n, dtype=torch.float32, device=hidden.device) if wpo else None
+        ctx.compute_dtype = weight.dtype
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            logits = F.linear(hidden[start:end], weight, bias)
+            ctx.compute_dtype = logits.dtype  # the autocast dtype, when autocast is on
+            logits = logits.float()
+            lse[start:end] = logits.logsumexp(-1)
+            token[start:end] = (
+                logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
+            )
+            if stat is not None:
+                sum_sq = (2 * logits).logsumexp(-1) - 2 * lse[start:end]
+                stat[start:end] = token[start:end] - sum_sq
+        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        if stat is None:
+            return token, torch.empty(0, device=hidden.device)
+        ctx.mark_non_differentiable(stat)
+        return token, stat
+
+    @staticmethod
+    def backward(ctx, grad_token, _grad_stat):  # noqa: ANN001, ANN205
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        w = weight.to(dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        b = None if bias is None else bias.to(dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            end = min(start + ctx.chunk, hidden.shape[0])
+            h = hidden[start:end].to(dtype)
+            logits = F.linear(h, w, b).float()
+            # d log p(t) / d logits = onehot(t) - softmax; times the incoming gradient.
+            probs = torch.exp(logits - lse[start:end, None])
+            del logits
+            rows = torch.arange(end - start, device=probs.device)
+            probs[rows, targets[start:end]] -= 1.0
+            g = (probs * -grad_token[start:end, None]).to(dtype)
+            del probs
+            if grad_h is not None:
+                grad_h[start:end] = (g @ w).to(hidden.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w.addmm_(g.t().float(), h.float())
+            if grad_b is not None:
+                grad_b += g.float().sum(0)
+        grad_w_out = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b_out = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w_out, grad_b_out, None, None, None
+
+
+def head_token_logps(
+    hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int, wpo: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """(N,) float32 log p(target) of the LM head ``head`` on (N, H) ``hidden``, and with ``wpo``
+    the (N,) no-grad WPO statistic of :func:`logits_token_logps`.
+
+    ``chunk_size`` rows of logits exist at a time (0 = all N at once, the plain path). Heads
+    that are not a plain ``nn.Linear`` (adapters, hooks, sharded weights) run unchunked.
+    """
+    if chunk_size == 0 or not _chunkable(head) or hidden.shape[0] == 0:
+        return logits_token_logps(head(hidden), targets, wpo)
+    token, stat = _ChunkedLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, wpo)
+    return token, stat if wpo else None
