@@ -4,7 +4,8 @@
 Usage: python benches/bench_blockmask.py [--pairs 8] [--repeats 5]
 
 Batches of HH-like pairs (prompt median 100, responses 45 tokens, lognormal sigma 0.7), in the
-``packed`` layout with rows of 2,048 and 8,192 tokens and in ``prefix_shared``. ``create_block_mask``
+``packed`` layout with rows of 2,048 and 8,192 tokens and in ``prefix_shared`` (one pair per row,
+and several pairs per 2,048-token row). ``create_block_mask``
 evaluates the same mask function (segment-causal plus prefix, from per-token arrays) over every
 (query, key) pair of the batch; rlox lists the full and partial blocks in Rust from the batch's
 ``attn_segments`` and evaluates nothing. Prints the best of ``--repeats`` for each and the ratio.
@@ -67,6 +68,7 @@ def main() -> None:
         ("packed, rows of 2048", args.pairs, "packed", 2048),
         ("packed, rows of 8192", 8 * args.pairs, "packed", 8192),
         ("prefix_shared", args.pairs, "prefix_shared", None),
+        ("prefix_shared, rows of 2048", 8 * args.pairs, "prefix_shared", 2048),
     ]
     for name, n, layout, pack in cases:
         ds = pairs(n, seed=n)

@@ -14,10 +14,16 @@ from rlox.attention_flex import block_mask
 ids = st.lists(st.integers(1, 30), min_size=1, max_size=12)
 
 
-def batch_of(pairs, layout, max_length=24, pack=None):
+def batch_of(pairs, layout, max_length=24, pack=None, multiple=None):
     prompts, chosen, rejected = (list(x) for x in zip(*pairs, strict=True))
     ds = PreferenceDataset.from_lists(prompts, chosen, rejected, vocab_size=32)
-    return ds.collate(np.arange(len(pairs)), layout=layout, max_length=max_length, pack_length=pack)
+    return ds.collate(
+        np.arange(len(pairs)),
+        layout=layout,
+        max_length=max_length,
+        pack_length=pack,
+        pad_to_multiple_of=multiple,
+    )
 
 
 def dense_from_blocks(mask, rows: int, length: int) -> torch.Tensor:
@@ -46,7 +52,7 @@ def dense_from_blocks(mask, rows: int, length: int) -> torch.Tensor:
     pack=st.one_of(st.none(), st.integers(24, 60)),
 )
 def test_block_mask_equals_the_dense_mask(pairs, layout, block, pack):
-    batch = batch_of(pairs, layout, pack=pack if layout == "packed" else None)
+    batch = batch_of(pairs, layout, pack=pack if layout == "packed" or pack is None else 2 * pack)
     rows, length = batch.input_ids.shape
     mask = block_mask(batch, block_size=block)
     got = dense_from_blocks(mask, rows, length)
@@ -96,3 +102,64 @@ def test_flex_forward_matches_the_dense_mask():
             logits_at=rows_pos,
         )
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+LLAMA_VOCAB = 32
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    """One tiny Llama twice: with FlexAttention and (same weights) with sdpa."""
+    import copy
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    cfg._attn_implementation = "flex_attention"
+    flex = transformers.LlamaForCausalLM(cfg).eval()
+    sdpa = copy.deepcopy(flex)
+    sdpa.set_attn_implementation("sdpa")
+    return flex, sdpa
+
+
+def alone(model, prompt: list[int], completion: list[int]) -> float:
+    """Sum of log p(completion | prompt) with the sequence run on its own."""
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+    n = len(prompt)
+    return sum(float(logp[n - 1 + k, t]) for k, t in enumerate(completion))
+
+
+def test_hf_llama_flex_matches_each_sequence_alone(llamas):
+    """Packed and several-pairs-per-row prefix_shared batches, one flex forward each (CPU)."""
+    flex, sdpa = llamas
+    rng = np.random.default_rng(5)
+    pairs = [
+        tuple(rng.integers(1, LLAMA_VOCAB, size=n).tolist() for n in sizes)
+        for sizes in [(5, 3, 6), (2, 7, 1), (9, 2, 2), (1, 1, 4), (4, 6, 3)]
+    ]
+    b = len(pairs)
+    want = [alone(sdpa, p, c) for p, c, _ in pairs] + [alone(sdpa, p, r) for p, _, r in pairs]
+    # Both batches are (2, 48), so the second flex call reuses the first one's compiled kernel.
+    for layout in ["packed", "prefix_shared"]:
+        batch = batch_of(pairs, layout, max_length=20, pack=40, multiple=16)
+        assert batch.input_ids.shape == (2, 48)
+        with torch.no_grad():
+            logits = flex(
+                batch.input_ids,
+                attention_mask=block_mask(batch, block_size=16),
+                position_ids=batch.position_ids,
+            ).logits
+        token = logits[batch.plan_row, batch.plan_position].log_softmax(-1)
+        token = token.gather(1, batch.plan_target[:, None])[:, 0]
+        got = torch.zeros(2 * b).index_add_(0, batch.plan_side * b + batch.plan_pair, token)
+        torch.testing.assert_close(got, torch.tensor(want), rtol=0, atol=1e-5)

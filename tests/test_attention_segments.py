@@ -38,7 +38,8 @@ ids = st.lists(st.integers(1, 30), min_size=1, max_size=9)
 def test_segments_expand_to_the_dense_mask(pairs, layout, max_length, pack):
     prompts, chosen, rejected = (list(x) for x in zip(*pairs, strict=True))
     ds = PreferenceDataset.from_lists(prompts, chosen, rejected, vocab_size=32)
-    pack_length = pack if layout == "packed" else None
+    # prefix_shared rows hold one pair, or with pack_length several (p c r <= 2 * max_length).
+    pack_length = pack if layout == "packed" or pack is None else pack + max_length
     batch = ds.collate(
         np.arange(len(pairs)), layout=layout, max_length=max_length, pack_length=pack_length
     )

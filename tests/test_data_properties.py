@@ -142,22 +142,29 @@ def ref_collate(rows: Rows, indices: list[int], o: dict[str, Any]) -> Expected:
             input_ids=ids, attention_mask=att, position_ids=pos, loss_mask=loss, sequence_ids=seq
         )
     elif layout == "prefix_shared":
-        width = round_up(max((sum(map(len, x)) for x in pairs), default=0), mult)
-        ids = np.full((b, width), pad, np.int64)
-        att, pos = np.zeros((b, width), np.int64), np.zeros((b, width), np.int64)
-        loss, seq = np.zeros((b, width), bool), np.full((b, width), -1, np.int32)
-        ends = np.zeros((b, 3), np.int64)
-        for j, (p, c, r) in enumerate(pairs):
+        lengths = [sum(map(len, x)) for x in pairs]
+        place = ffd_place(lengths, o.get("pack_length"))
+        nrows = 1 + max((row for row, _ in place), default=-1)
+        fills = [0] * nrows
+        for (row, start), n in zip(place, lengths, strict=True):
+            fills[row] = max(fills[row], start + n)
+        width = round_up(max(fills, default=0), mult)
+        ids = np.full((nrows, width), pad, np.int64)
+        att, pos = np.zeros((nrows, width), np.int64), np.zeros((nrows, width), np.int64)
+        loss, seq = np.zeros((nrows, width), bool), np.full((nrows, width), -1, np.int32)
+        ends, where = np.zeros((b, 3), np.int64), np.zeros(b, np.int64)
+        for j, ((p, c, r), (row, s)) in enumerate(zip(pairs, place, strict=True)):
             np_, nc, nr = len(p), len(c), len(r)
-            total = np_ + nc + nr
-            ids[j, :total] = p + c + r
-            att[j, :total] = 1
-            pos[j, :total] = list(range(np_ + nc)) + list(range(np_, np_ + nr))
-            loss[j, np_:total] = True
-            seq[j, :total] = j
-            ends[j] = (np_, np_ + nc, total)
-            plan += [(j, np_ + k - 1, c[k], j, 0) for k in range(nc)]
-            plan += [(j, np_ - 1 if k == 0 else np_ + nc + k - 1, r[k], j, 1) for k in range(nr)]
+            e = s + np_ + nc + nr
+            ids[row, s:e] = p + c + r
+            att[row, s:e] = 1
+            pos[row, s:e] = list(range(np_ + nc)) + list(range(np_, np_ + nr))
+            loss[row, s + np_ : e] = True
+            seq[row, s:e] = j
+            ends[j], where[j] = (s + np_, s + np_ + nc, e), row
+            plan += [(row, s + np_ + k - 1, c[k], j, 0) for k in range(nc)]
+            first = s + np_ - 1
+            plan += [(row, first if k == 0 else first + nc + k, r[k], j, 1) for k in range(nr)]
         arrays = dict(
             input_ids=ids,
             attention_mask=att,
@@ -165,10 +172,31 @@ def ref_collate(rows: Rows, indices: list[int], o: dict[str, Any]) -> Expected:
             loss_mask=loss,
             sequence_ids=seq,
             segment_ends=ends,
+            pair_rows=where,
         )
     else:
         plan = None
     return Expected(pairs, index, skipped, ntrunc, arrays, plan)
+
+
+def ffd_place(lengths: list[int], capacity: int | None) -> list[tuple[int, int]]:
+    """(row, start) of each prefix-shared triple: one per row without ``capacity``, else
+    first-fit-decreasing (ties in index order), triples in index order within a row."""
+    if capacity is None:
+        return [(j, 0) for j in range(len(lengths))]
+    fills: list[int] = []
+    rows = [0] * len(lengths)
+    for j in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        row = next((k for k, f in enumerate(fills) if f + lengths[j] <= capacity), len(fills))
+        if row == len(fills):
+            fills.append(0)
+        fills[row] += lengths[j]
+        rows[j] = row
+    starts, place = [0] * len(fills), []
+    for j, row in enumerate(rows):
+        place.append((row, starts[row]))
+        starts[row] += lengths[j]
+    return place
 
 
 def ffd_fills(lengths: list[int], capacity: int | None) -> list[int]:
@@ -257,7 +285,8 @@ def recover(batch: PairBatch) -> Rows:
         elif batch.layout == "padded":
             prompts = [ids[r][prompt_only[r]].tolist() for r in (j, b + j)]
         else:
-            prompts = [ids[j][prompt_only[j]].tolist()] * 2
+            row, seq = int(batch.pair_rows[j]), batch.sequence_ids.numpy()
+            prompts = [ids[row][prompt_only[row] & (seq[row] == j)].tolist()] * 2
         assert prompts[0] == prompts[1], "chosen and rejected rows disagree on the prompt"
         chosen, rejected = ([t for *_, t in sorted(comp.get((j, s), []))] for s in (0, 1))
         out.append((prompts[0], chosen, rejected))
@@ -315,7 +344,8 @@ def check_batch(batch: PairBatch, rows: Rows, indices: list[int], o: dict[str, A
     ids, seq = batch.input_ids.numpy(), batch.sequence_ids.numpy()
     for row, p, t, pair, side in got_plan:
         assert seq[row, p] >= 0, "plan reads a padding position"
-        if not (layout == "prefix_shared" and side == 1 and p == len(exp.pairs[pair][0]) - 1):
+        shared = layout == "prefix_shared" and side == 1
+        if not (shared and p == exp.arrays["segment_ends"][pair][0] - 1):
             assert ids[row, p + 1] == t and seq[row, p + 1] == seq[row, p]
     assert recover(batch) == [tuple(x) for x in exp.pairs], "tokens out != tokens in"
     return exp
@@ -344,6 +374,8 @@ def collate_options(draw: Any) -> dict[str, Any]:
     }
     # Without max_length a sequence holds up to 30 tokens; see test_packed_rows_fit_pack_length.
     low = 30 if o["max_length"] is None else o["max_length"]
+    if o["layout"] == "prefix_shared":
+        low *= 2  # a whole p c r fits (at most 2 * max_length tokens, or 45)
     o["pack_length"] = draw(st.none() | st.integers(low, low + 60))
     return o
 
@@ -425,14 +457,20 @@ def ref_dense_mask(batch: PairBatch, exp: Expected) -> np.ndarray:
     if batch.layout == "packed":
         flat = np.arange(rows * width).reshape(rows, width)
         seg = np.searchsorted(batch.cu_seqlens.numpy(), flat, side="right") - 1
+    elif batch.layout == "prefix_shared":
+        seg = np.full((rows, width), -1)
+        ends, where = exp.arrays["segment_ends"], exp.arrays["pair_rows"]
+        for j, ((p, _, _), (a, _, e), row) in enumerate(zip(exp.pairs, ends, where, strict=True)):
+            seg[row, a - len(p) : e] = j
     else:
         seg = np.broadcast_to(np.arange(rows)[:, None], (rows, width))
     q, k = np.arange(width)[:, None], np.arange(width)[None, :]
     mask = (seg[:, :, None] == seg[:, None, :]) & (k <= q) & att[:, :, None] & att[:, None, :]
     if batch.layout == "prefix_shared":
-        for j, (p, c, r) in enumerate(exp.pairs):
-            a, b_, e = len(p), len(p) + len(c), len(p) + len(c) + len(r)
-            mask[j, b_:e, a:b_] = False
+        for (a, b_, e), row in zip(
+            exp.arrays["segment_ends"], exp.arrays["pair_rows"], strict=True
+        ):
+            mask[row, b_:e, a:b_] = False
     pr, pq = np.nonzero(~att)
     mask[pr, pq, :] = False
     mask[pr, pq, pq] = True
@@ -478,8 +516,11 @@ def pair_keys(lengths: list[tuple[int, int, int]], o: dict[str, Any]) -> list[in
 
 
 def batch_cost(keys: list[int], o: dict[str, Any]) -> int:
-    """Tokens of a batch including the padding of its layout (real tokens for packed)."""
+    """Tokens of a batch including the padding of its layout (real tokens where rows are
+    packed: ``packed``, and ``prefix_shared`` with ``pack_length``)."""
     longest = round_up(max(keys, default=0), o.get("pad_to_multiple_of"))
+    if o["layout"] == "prefix_shared" and o.get("pack_length") is not None:
+        return sum(keys)
     return {
         "padded": 2 * len(keys) * longest,
         "prefix_shared": len(keys) * longest,

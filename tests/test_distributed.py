@@ -143,6 +143,10 @@ JOBS: dict[str, dict[str, Any]] = {
     "sync": {"mode": "ddp", "trainer_kw": "sync"},
     "fsdp_sync": {"mode": "fsdp", "trainer_kw": "sync"},
     "fsdp_sync_sharded": {"mode": "fsdp", "trainer_kw": "sync", "shard_ref": True},
+    # Gradient accumulation: FSDP2 reduce-scatters on the last micro-batch of a step only, or
+    # (forced, for comparison) on every micro-batch.
+    "fsdp_accumulate": {"mode": "accumulate", "sync_every": False},
+    "fsdp_accumulate_sync_every": {"mode": "accumulate", "sync_every": True},
 }
 SYNC_KW: dict[str, Any] = {
     "sync_ref_model": True,
@@ -158,6 +162,15 @@ EMPTIED_PLAN_KW: dict[str, Any] = {**EMPTIED_DATA_KW, "batch_size": 2, "seed": 5
 EMPTIED_FIT_KW: dict[str, Any] = {**EMPTIED_PLAN_KW, "epochs": 2, "gradient_accumulation_steps": 2}
 EMPTIED_STEP = ([3, 4], [1, 11])  # a train_step whose rank-1 batch is emptied
 PRECOMPUTE_KW: dict[str, Any] = {**DATA_KW, "batch_size": 4, "progress": False}
+# 24 pairs / (2 pairs x 2 ranks) = 6 rounds per epoch: 2 optimizer steps of 3 micro-batches.
+ACCUMULATE_PLAN_KW: dict[str, Any] = {**DATA_KW, "batch_size": 2, "seed": 5}
+ACCUMULATE_FIT_KW: dict[str, Any] = {
+    **ACCUMULATE_PLAN_KW,
+    "epochs": 2,
+    "gradient_accumulation_steps": 3,
+}
+ACCUMULATE_STEPS = 4
+FSDP_GROUPS = 3  # shard(): each of the 2 blocks, then the root
 
 
 class _Interrupted(Exception):
@@ -281,6 +294,62 @@ def emptied_reference() -> dict[str, Any]:
     }
 
 
+def accumulate_job(sync_every: bool) -> dict[str, Any]:
+    """fit with 3 micro-batches per step under FSDP2, counting reduce-scatters; ``sync_every``
+    forces a gradient sync on every micro-batch."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    import rlox.train.loop
+
+    policy, ref = make_models()
+    trainer = DPO(shard(policy), ref, **TRAINER_KW)
+    calls = [0]
+    reduce_scatter = dist.reduce_scatter_single
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return reduce_scatter(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    sync = rlox.train.loop.gradient_sync
+    if sync_every:
+        rlox.train.loop.gradient_sync = lambda model, sync: contextlib.nullcontext()
+    try:
+        seen: list[dict[str, float]] = []
+        trainer.fit(
+            make_dataset(),
+            progress=False,
+            log_every=None,
+            callback=lambda step, m: seen.append(m),
+            **ACCUMULATE_FIT_KW,
+        )
+    finally:
+        dist.reduce_scatter_single = reduce_scatter
+        rlox.train.loop.gradient_sync = sync
+    return {"params": full_params(policy), "metrics": seen, "reduce_scatters": calls[0]}
+
+
+def accumulate_reference() -> dict[str, Any]:
+    """One process, one batch per step: the union of both ranks' 3 micro-batches."""
+    ds = make_dataset()
+    policy, ref = make_models()
+    trainer = DPO(policy, ref, **TRAINER_KW)
+    gas = ACCUMULATE_FIT_KW["gradient_accumulation_steps"]
+    metrics = []
+    for epoch in range(ACCUMULATE_FIT_KW["epochs"]):
+        plans = [
+            ds.batches(epoch=epoch, rank=r, world_size=WORLD, **ACCUMULATE_PLAN_KW)
+            for r in range(WORLD)
+        ]
+        for k in range(0, len(plans[0]), gas):
+            union = np.concatenate([p[j] for j in range(k, k + gas) for p in plans])
+            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **DATA_KW)
+            metrics.append(trainer.train_step(batch))
+    return {"params": full_params(policy), "metrics": metrics}
+
+
 def run_job(root: Path, name: str, rank: int, world: int) -> None:
     job = JOBS[name]
     if job["mode"] == "reference":
@@ -288,6 +357,9 @@ def run_job(root: Path, name: str, rank: int, world: int) -> None:
         return
     if job["mode"] == "emptied":
         torch.save(emptied_job(job["wrap"], rank), root / "results" / f"{name}-rank{rank}.pt")
+        return
+    if job["mode"] == "accumulate":
+        torch.save(accumulate_job(job["sync_every"]), root / "results" / f"{name}-rank{rank}.pt")
         return
     policy, ref = make_models()
     if job["mode"] == "ddp":
@@ -461,6 +533,7 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, An
     make_dataset().save(root / "store")
     jobs = ("full", "interrupted", "fsdp", "fsdp_interrupted", "fsdp_reference")
     jobs += ("emptied", "fsdp_emptied", "sync", "fsdp_sync", "fsdp_sync_sharded")
+    jobs += ("fsdp_accumulate", "fsdp_accumulate_sync_every")
     return root, torchrun(root, *jobs)
 
 
@@ -726,6 +799,27 @@ def test_a_rank_emptied_by_truncation_joins_with_a_zero_weight_stand_in(launch, 
         # FSDP2 reduce-scatters once per step: 4 steps of 2 micro-batches each switch the sync
         # off for the first and back on after it; train_step's single batch never switches.
         assert got["gradient_syncs"] == ([False, True] * 4 if job == "fsdp_emptied" else [])
+
+
+def test_fsdp2_accumulation_reduce_scatters_once_per_step(launch):
+    """3 micro-batches per step: the sync is skipped for the first two (one reduce-scatter per
+    FSDP group and step instead of three), and the weights equal both a sync on every
+    micro-batch and one process on the union batch."""
+    skipped, every = launch[1]["fsdp_accumulate"], launch[1]["fsdp_accumulate_sync_every"]
+    want = accumulate_reference()
+    assert len(want["metrics"]) == ACCUMULATE_STEPS
+    policy, _ = make_models()
+    initial = full_params(policy)
+    for got, forced in zip(skipped, every, strict=True):
+        assert got["reduce_scatters"] == ACCUMULATE_STEPS * FSDP_GROUPS
+        assert forced["reduce_scatters"] == 3 * ACCUMULATE_STEPS * FSDP_GROUPS
+        assert any(not torch.equal(got["params"][k], initial[k]) for k in initial)
+        assert_params_close(got["params"], forced["params"])
+        assert_params_close(got["params"], want["params"])
+        for step, (g, w) in enumerate(zip(got["metrics"], want["metrics"], strict=True)):
+            assert g["skipped"] == w["skipped"] == 0.0
+            for key in ("loss", "reward_accuracy", "chosen_reward", "grad_norm"):
+                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-5), (step, key)
 
 
 if __name__ == "__main__":

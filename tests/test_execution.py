@@ -87,6 +87,35 @@ def test_gradient_checkpointing_is_exact_and_recomputes(dataset, arch, layout):
     assert calls == [1, 2]
 
 
+# peft itself calls the deprecated is_gradient_checkpointing of transformers 5.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_gradient_checkpointing_under_lora_is_exact(dataset):
+    """A peft LoRA policy (its reference: itself with adapters disabled); the frozen embeddings
+    need no grad under non-reentrant checkpointing."""
+    import peft
+
+    base = build("llama")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    batch = dataset.collate(np.arange(len(PROMPTS)), layout="padded", max_length=12)
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(3)  # the adapters' initial weights
+        model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(lora))
+        counter = count_block_calls(model.get_base_model())
+        trainer = rlox.DPO(model, None, learning_rate=1e-2, gradient_checkpointing=checkpointing)
+        losses = [trainer.train_step(batch)["loss"] for _ in range(2)]
+        adapters = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+        runs.append((losses, adapters, counter[0]))
+    (base_losses, base_state, base_calls), (losses, state, calls) = runs
+    assert base_losses[1] != base_losses[0]
+    np.testing.assert_allclose(losses, base_losses, rtol=1e-6)
+    assert state and state.keys() == base_state.keys()
+    for k in base_state:
+        torch.testing.assert_close(state[k], base_state[k], rtol=1e-6, atol=1e-6, msg=k)
+    # Two steps, each a policy and a reference forward; checkpointing recomputes the policy's.
+    assert (base_calls, calls) == (4, 6)
+
+
 def test_gradient_checkpointing_needs_an_enable_method():
     class Plain(torch.nn.Module):
         def __init__(self):

@@ -118,7 +118,7 @@ class PairStore:
     ) -> dict[str, Any]:
         """Arrays of a collated batch: input_ids, attention_mask, position_ids, loss_mask,
         sequence_ids (R, L); cu_seqlens (S + 1,); segment_ends (B, 3); attn_segments (S, 5);
-        pair_index, skipped, prompt/chosen/rejected_lengths (B,); plan_row, plan_position,
+        pair_index, pair_rows, skipped, prompt/chosen/rejected_lengths (B,); plan_row, plan_position,
         plan_target, plan_pair, plan_side (N,); num_truncated (int).
 
         Options: layout, max_length, max_prompt_length, truncation, pad_token_id,

@@ -62,6 +62,7 @@ class PairBatch(Mapping):
     layout: str = "padded"
     cu_seqlens: Tensor | None = None  # packed: (S + 1,) int32 over the flattened (R * L) stream
     segment_ends: Tensor | None = None  # prefix_shared: (B, 3) ends of prompt, chosen, rejected
+    pair_rows: Tensor | None = None  # prefix_shared: (B,) int64 row holding each pair
     # packed / prefix_shared: (S, 5) int32 [row, q_start, q_end, prefix_start, prefix_end]; the
     # queries [q_start, q_end) see keys [q_start, q] causally and [prefix_start, prefix_end).
     attn_segments: Tensor | None = None
@@ -139,8 +140,9 @@ class PairBatch(Mapping):
 def dense_attention_mask(batch: PairBatch) -> Tensor:
     """Expand a batch's compact attention structure into a (R, 1, L, L) boolean mask.
 
-    Causal within each sequence (``sequence_ids``); in ``prefix_shared`` rows, rejected tokens
-    never see chosen tokens. Padding queries attend only themselves, so no row is empty.
+    Causal within each sequence (``sequence_ids``); in ``prefix_shared`` rows (one or several
+    pairs each), rejected tokens never see their pair's chosen tokens. Padding queries attend
+    only themselves, so no row is empty.
     """
     rows, length = batch.input_ids.shape
     device = batch.input_ids.device
@@ -154,10 +156,11 @@ def dense_attention_mask(batch: PairBatch) -> Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     mask = (seq[:, :, None] == seq[:, None, :]) & causal & valid[:, None, :]
     if batch.layout == "prefix_shared" and batch.segment_ends is not None:
+        # Each token's pair (sequence_ids) gives its prompt / chosen / rejected ends in the row.
         t = torch.arange(length, device=device)
-        ends = batch.segment_ends.to(device)
-        chosen = (t >= ends[:, 0:1]) & (t < ends[:, 1:2])
-        rejected = (t >= ends[:, 1:2]) & (t < ends[:, 2:3])
+        ends = batch.segment_ends.to(device)[seq.clamp(min=0)]  # (R, L, 3)
+        chosen = valid & (t >= ends[..., 0]) & (t < ends[..., 1])
+        rejected = valid & (t >= ends[..., 1]) & (t < ends[..., 2])
         mask &= ~(rejected[:, :, None] & chosen[:, None, :])
     eye = torch.eye(length, dtype=torch.bool, device=device)
     mask |= eye & ~valid[:, :, None]
@@ -180,6 +183,7 @@ def batch_from_arrays(arrays: Mapping[str, Any], layout: str) -> PairBatch:
         kw["cu_seqlens"] = None
     if layout != "prefix_shared":
         kw["segment_ends"] = None
+        kw["pair_rows"] = None
     if layout == "padded":
         kw["attn_segments"] = None
     # Every field is given, so fill the frozen instance directly (its __init__ costs about as

@@ -408,7 +408,9 @@ class PreferenceDataset:
         Layouts: ``"padded"`` (2B rows, TRL-compatible), ``"packed"`` (sequences first-fit into
         rows of at most ``pack_length`` tokens, one row when ``None``; positions restart per
         sequence; ``cu_seqlens`` for varlen attention) and ``"prefix_shared"`` (one row
-        ``prompt + chosen + rejected`` per pair; rejected positions continue from the prompt).
+        ``prompt + chosen + rejected`` per pair, or with ``pack_length`` several such triples
+        first-fit into rows of at most ``pack_length`` tokens; rejected positions continue from
+        the prompt).
 
         Truncation: the prompt is first cut to ``max_prompt_length`` tokens, keeping its end
         (``"keep_end"``, the tokens next to the completion) or its start (``"keep_start"``); then

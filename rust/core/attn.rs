@@ -21,15 +21,26 @@ pub fn packed_segments(cu_seqlens: &[i32], length: usize, sequence_ids: &[i32]) 
     out
 }
 
-/// Segments of a prefix-shared batch, from its `(B, 3)` `segment_ends` (ends of prompt, chosen
-/// and rejected in row `i`): prompt + chosen causally, then rejected over the prompt and itself.
-pub fn prefix_shared_segments(segment_ends: &[i64]) -> Vec<i32> {
-    let mut out = Vec::with_capacity(10 * segment_ends.len() / 3);
-    for (row, ends) in segment_ends.chunks_exact(3).enumerate() {
-        let (p, c, r) = (ends[0] as i32, ends[1] as i32, ends[2] as i32);
-        out.extend_from_slice(&[row as i32, 0, c, 0, 0]);
+/// One prefix-shared pair `p c r` placed in `row` from `start`, with its token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Triple {
+    pub row: usize,
+    pub start: usize,
+    pub prompt: usize,
+    pub chosen: usize,
+    pub rejected: usize,
+}
+
+/// Segments of prefix-shared rows: per pair, `p c` causally, then `r` over `p` and itself.
+pub fn prefix_shared_segments(triples: &[Triple]) -> Vec<i32> {
+    let mut out = Vec::with_capacity(10 * triples.len());
+    for t in triples {
+        let (row, s) = (t.row as i32, t.start as i32);
+        let (p, c) = (s + t.prompt as i32, s + (t.prompt + t.chosen) as i32);
+        let r = c + t.rejected as i32;
+        out.extend_from_slice(&[row, s, c, 0, 0]);
         if r > c {
-            out.extend_from_slice(&[row as i32, c, r, 0, p]);
+            out.extend_from_slice(&[row, c, r, s, p]);
         }
     }
     out
@@ -180,13 +191,26 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    fn triple(row: usize, start: usize, p: usize, c: usize, r: usize) -> Triple {
+        Triple {
+            row,
+            start,
+            prompt: p,
+            chosen: c,
+            rejected: r,
+        }
+    }
+
     #[test]
     fn prefix_shared_rejected_sees_the_prompt() {
-        let got = prefix_shared_segments(&[2, 5, 7, 1, 2, 4]);
+        let got = prefix_shared_segments(&[triple(0, 0, 2, 3, 2), triple(1, 0, 1, 1, 2)]);
         assert_eq!(
             got,
             vec![0, 0, 5, 0, 0, 0, 5, 7, 0, 2, 1, 0, 2, 0, 0, 1, 2, 4, 0, 1]
         );
+        // A second pair later in row 0: its rejected part sees its own prompt only.
+        let got = prefix_shared_segments(&[triple(0, 7, 2, 1, 3)]);
+        assert_eq!(got, vec![0, 7, 10, 0, 0, 0, 10, 13, 7, 9]);
     }
 
     #[test]

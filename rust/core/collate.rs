@@ -7,6 +7,8 @@
 //!   padding only ever sits at the end of a row.
 //! - `prefix_shared`: row `j` is `p c r`; positions run `0..P+C` then `P..P+R`, so `r` takes the
 //!   positions `c` takes, and `r` must attend to `p` and to itself only (see `segment_ends`).
+//!   With `pack_length`, several `p c r` triples are placed first-fit-decreasing into rows of at
+//!   most `pack_length` tokens, positions restarting in each triple.
 //!
 //! The gather plan lists every completion token once: the row and position whose logits predict
 //! it, its id, its pair and its side (0 chosen, 1 rejected). Summing log-softmax at those points by
@@ -16,55 +18,15 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
+mod matrix;
+mod options;
+
+pub use matrix::{collate_pairs, IdMatrix};
+pub use options::{cut, CollateOptions, Cut, Layout, Truncation};
+
 use super::attn;
 use super::errors::{Result, RloxError};
-use super::store::{check_ids, Ints, PairRef};
-
-/// How pairs are laid out in rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    Padded,
-    Packed,
-    PrefixShared,
-}
-
-impl Layout {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "padded" => Ok(Self::Padded),
-            "packed" => Ok(Self::Packed),
-            "prefix_shared" => Ok(Self::PrefixShared),
-            _ => Err(RloxError::value(
-                "layout",
-                format!(
-                    "unknown layout {s:?}; expected \"padded\", \"packed\" or \"prefix_shared\""
-                ),
-            )),
-        }
-    }
-}
-
-/// Which end of an over-long prompt is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Truncation {
-    /// Keep the last tokens (those next to the completion).
-    KeepEnd,
-    /// Keep the first tokens.
-    KeepStart,
-}
-
-impl Truncation {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "keep_end" => Ok(Self::KeepEnd),
-            "keep_start" => Ok(Self::KeepStart),
-            _ => Err(RloxError::value(
-                "truncation",
-                format!("unknown truncation mode {s:?}; expected \"keep_end\" or \"keep_start\""),
-            )),
-        }
-    }
-}
+use super::store::{Ints, PairRef};
 
 /// Batches of at least this many cells are filled by the thread pool.
 pub const PARALLEL_CELLS: usize = 1 << 20;
@@ -72,134 +34,18 @@ pub const PARALLEL_CELLS: usize = 1 << 20;
 /// Largest batch, in cells (`rows * length`), that collation builds.
 pub const MAX_CELLS: usize = 1 << 32;
 
-/// Collation options (see the Python `PreferenceDataset.collate` for their documentation).
-#[derive(Debug, Clone, Copy)]
-pub struct CollateOptions {
-    pub layout: Layout,
-    /// Longest `prompt + completion` sequence; `None`: no truncation.
-    pub max_length: Option<usize>,
-    pub max_prompt_length: Option<usize>,
-    pub truncation: Truncation,
-    /// Id written into padding slots (they are masked out either way).
-    pub pad_token_id: i64,
-    pub pad_to_multiple_of: Option<usize>,
-    /// Token budget of a packed row; `None`: one row.
-    pub pack_length: Option<usize>,
-}
-
-impl CollateOptions {
-    pub fn padded() -> Self {
-        Self {
-            layout: Layout::Padded,
-            max_length: None,
-            max_prompt_length: None,
-            truncation: Truncation::KeepEnd,
-            pad_token_id: 0,
-            pad_to_multiple_of: None,
-            pack_length: None,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        if let Some(m) = self.max_length {
-            if m < 2 {
-                return Err(RloxError::value(
-                    "max_length",
-                    format!("must be >= 2 (a prompt token and a completion token), got {m}"),
-                ));
-            }
-        }
-        if self.max_prompt_length == Some(0) {
-            return Err(RloxError::value("max_prompt_length", "must be >= 1, got 0"));
-        }
-        if self.pad_to_multiple_of == Some(0) {
-            return Err(RloxError::value(
-                "pad_to_multiple_of",
-                "must be >= 1, got 0",
-            ));
-        }
-        if let (Some(p), Some(m)) = (self.pack_length, self.max_length) {
-            if p < m {
-                return Err(RloxError::value(
-                    "pack_length",
-                    format!("must be >= max_length ({m}) so every sequence fits a row, got {p}"),
-                ));
-            }
-        }
-        if self.pack_length == Some(0) {
-            return Err(RloxError::value("pack_length", "must be >= 1, got 0"));
-        }
-        Ok(())
-    }
-
-    /// Round a row length up to `pad_to_multiple_of`.
-    pub fn round(&self, n: usize) -> usize {
-        match self.pad_to_multiple_of {
-            Some(m) => n.div_ceil(m).saturating_mul(m),
-            None => n,
-        }
-    }
-}
-
-/// Token counts of a pair after truncation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cut {
-    /// First kept prompt token.
-    pub prompt_start: usize,
-    pub prompt: usize,
-    pub chosen: usize,
-    pub rejected: usize,
-    /// Whether anything was cut.
-    pub truncated: bool,
-}
-
-/// Truncate a pair of `p` + `c` / `p` + `r` tokens; `None` when a completion keeps no token.
-///
-/// The prompt is first cut to `max_prompt_length` (keeping its end or start), then each
-/// completion is cut at its end so that `prompt + completion <= max_length`.
-pub fn cut(p: usize, c: usize, r: usize, o: &CollateOptions) -> Option<Cut> {
-    let mut keep = p;
-    if let Some(mp) = o.max_prompt_length {
-        keep = keep.min(mp);
-    }
-    let prompt_start = match o.truncation {
-        Truncation::KeepEnd => p - keep,
-        Truncation::KeepStart => 0,
-    };
-    let room = o.max_length.map_or(usize::MAX, |m| m.saturating_sub(keep));
-    let (cc, rr) = (c.min(room), r.min(room));
-    if cc == 0 || rr == 0 {
-        return None;
-    }
-    Some(Cut {
-        prompt_start,
-        prompt: keep,
-        chosen: cc,
-        rejected: rr,
-        truncated: keep < p || cc < c || rr < r,
-    })
-}
-
 /// Rows, row length and real tokens of a collated batch, without building it.
 pub fn batch_shape(cuts: &[Cut], o: &CollateOptions) -> (usize, usize, usize) {
-    let seqs: Vec<usize> = sequence_lengths(cuts);
-    let real: usize = match o.layout {
-        Layout::PrefixShared => cuts.iter().map(|c| c.prompt + c.chosen + c.rejected).sum(),
-        _ => seqs.iter().sum(),
+    let units: Vec<usize> = match o.layout {
+        Layout::PrefixShared => cuts.iter().map(Cut::total).collect(),
+        _ => sequence_lengths(cuts),
     };
-    let (rows, longest) = match o.layout {
-        Layout::Padded => (seqs.len(), seqs.iter().copied().max().unwrap_or(0)),
-        Layout::PrefixShared => (
-            cuts.len(),
-            cuts.iter()
-                .map(|c| c.prompt + c.chosen + c.rejected)
-                .max()
-                .unwrap_or(0),
-        ),
-        Layout::Packed => {
-            let fills = pack(&seqs, o.pack_length).1;
-            (fills.len(), fills.iter().copied().max().unwrap_or(0))
-        }
+    let real = units.iter().sum();
+    let (rows, longest) = if o.packs_rows() {
+        let fills = pack(&units, o.pack_length).1;
+        (fills.len(), fills.iter().copied().max().unwrap_or(0))
+    } else {
+        (units.len(), units.iter().copied().max().unwrap_or(0))
     };
     (rows, o.round(longest), real)
 }
@@ -277,8 +123,10 @@ pub struct Collated {
     /// packed: boundaries of the sequences (and of each row's trailing padding) in the flattened
     /// `rows * length` token stream; empty for other layouts.
     pub cu_seqlens: Vec<i32>,
-    /// prefix_shared: `(B, 3)` ends of prompt, chosen and rejected within the row.
+    /// prefix_shared: `(B, 3)` ends of prompt, chosen and rejected within the pair's row.
     pub segment_ends: Vec<i64>,
+    /// prefix_shared: `(B,)` the row holding each pair.
+    pub pair_rows: Vec<i64>,
     /// packed and prefix_shared: `(S, 5)` attention segments (see [`crate::core::attn`]).
     pub attn_segments: Vec<i32>,
     /// `(B,)` store index of each kept pair.
@@ -339,6 +187,147 @@ fn slices<'a>((p, c): &(PairRef<'a>, Cut)) -> (Ints<'a>, Ints<'a>, Ints<'a>) {
     )
 }
 
+/// Sequence lengths a row holds per placed unit: `p c` and `p r` (packed), or `p c r`
+/// (prefix_shared), each checked against `pack_length`.
+fn unit_lengths(kept: &[(PairRef<'_>, Cut)], o: &CollateOptions) -> Result<Vec<usize>> {
+    let triples = o.layout == Layout::PrefixShared;
+    let cuts: Vec<Cut> = kept.iter().map(|k| k.1).collect();
+    let lengths = if triples {
+        cuts.iter().map(Cut::total).collect()
+    } else {
+        sequence_lengths(&cuts)
+    };
+    if let Some(cap) = o.pack_length {
+        let b = kept.len();
+        if let Some(u) = lengths.iter().position(|&n| n > cap) {
+            let (what, hint) = if triples {
+                (
+                    "prompt + chosen + rejected",
+                    "pack_length >= 2 * max_length",
+                )
+            } else {
+                ("a sequence", "max_length <= pack_length")
+            };
+            return Err(RloxError::value(
+                "pack_length",
+                format!(
+                    "pair {} has {what} of {} tokens, more than pack_length={cap}; set {hint}",
+                    kept[u % b].0.index,
+                    lengths[u]
+                ),
+            ));
+        }
+    }
+    Ok(lengths)
+}
+
+/// The pieces of every row: where each kept pair's sequences go in the layout of `o`.
+fn place<'a>(kept: &[(PairRef<'a>, Cut)], o: &CollateOptions) -> Result<Vec<Vec<Piece<'a>>>> {
+    let b = kept.len();
+    if o.layout == Layout::Padded {
+        return Ok((0..2 * b)
+            .map(|s| vec![sequence_piece(kept, s, 0)])
+            .collect());
+    }
+    let lengths = unit_lengths(kept, o)?;
+    let (place, fills) = match (o.layout, o.pack_length) {
+        // One pair per row unless pack_length asks for several.
+        (Layout::PrefixShared, None) => ((0..b).map(|j| (j, 0)).collect(), vec![0; b]),
+        _ => pack(&lengths, o.pack_length),
+    };
+    let mut rows: Vec<Vec<Piece<'a>>> = vec![Vec::new(); fills.len()];
+    for (u, &(row, start)) in place.iter().enumerate() {
+        if o.layout == Layout::Packed {
+            rows[row].push(sequence_piece(kept, u, start));
+            continue;
+        }
+        let (pr, ch, rj) = slices(&kept[u]);
+        let chosen = Piece {
+            pair: u,
+            side: 0,
+            prompt: pr,
+            completion: ch,
+            start,
+            seq_id: u as i32,
+            shared_prompt_end: None,
+        };
+        rows[row].push(chosen);
+        rows[row].push(Piece {
+            side: 1,
+            completion: rj,
+            start: start + pr.len() + ch.len(),
+            shared_prompt_end: Some(start + pr.len()),
+            ..chosen
+        });
+    }
+    Ok(rows)
+}
+
+/// Sequence `s` of the `2B` (`p c` for `s < B`, else `p r`) as a piece starting at `start`.
+fn sequence_piece<'a>(kept: &[(PairRef<'a>, Cut)], s: usize, start: usize) -> Piece<'a> {
+    let b = kept.len();
+    let (pair, side) = (s % b, s / b);
+    let (pr, ch, rj) = slices(&kept[pair]);
+    Piece {
+        pair,
+        side,
+        prompt: pr,
+        completion: if side == 0 { ch } else { rj },
+        start,
+        seq_id: s as i32,
+        shared_prompt_end: None,
+    }
+}
+
+/// Boundaries of the packed sequences (and of each row's trailing padding) in the flattened
+/// `rows * length` stream.
+fn cu_seqlens(row_pieces: &[Vec<Piece<'_>>], length: usize) -> Vec<i32> {
+    let mut cu = vec![0i32];
+    for (row, pieces) in row_pieces.iter().enumerate() {
+        let mut fill = 0;
+        let mut starts: Vec<(usize, usize)> = pieces
+            .iter()
+            .map(|p| (p.start, p.prompt.len() + p.completion.len()))
+            .collect();
+        starts.sort_unstable();
+        for (s, n) in starts {
+            cu.push((row * length + s + n) as i32);
+            fill = s + n;
+        }
+        if fill < length {
+            cu.push(((row + 1) * length) as i32);
+        }
+    }
+    cu
+}
+
+/// `segment_ends`, `pair_rows` and `attn_segments` of prefix-shared rows (pieces come in
+/// chosen/rejected pairs, in row order).
+fn prefix_shared_structure(out: &mut Collated, row_pieces: &[Vec<Piece<'_>>]) {
+    let pairs = row_pieces.iter().map(|r| r.len() / 2).sum::<usize>();
+    out.segment_ends = vec![0; 3 * pairs];
+    out.pair_rows = vec![0; pairs];
+    let mut triples = Vec::with_capacity(pairs);
+    for (row, pieces) in row_pieces.iter().enumerate() {
+        for two in pieces.chunks_exact(2) {
+            let (c, r) = (&two[0], &two[1]);
+            let (s, np) = (c.start, c.prompt.len());
+            let (nc, nr) = (c.completion.len(), r.completion.len());
+            out.segment_ends[3 * c.pair..3 * c.pair + 3]
+                .copy_from_slice(&[s + np, s + np + nc, s + np + nc + nr].map(|x| x as i64));
+            out.pair_rows[c.pair] = row as i64;
+            triples.push(attn::Triple {
+                row,
+                start: s,
+                prompt: np,
+                chosen: nc,
+                rejected: nr,
+            });
+        }
+    }
+    out.attn_segments = attn::prefix_shared_segments(&triples);
+}
+
 /// Collate already checked pairs (see `PairColumns::pairs`) with options `o`.
 pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
     o.validate()?;
@@ -350,72 +339,8 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             None => skipped.push(p.index as i64),
         }
     }
-    let b = kept.len();
     let cuts: Vec<Cut> = kept.iter().map(|k| k.1).collect();
-    if let (Layout::Packed, Some(cap)) = (o.layout, o.pack_length) {
-        for (p, c) in &kept {
-            let n = c.prompt + c.chosen.max(c.rejected);
-            if n > cap {
-                return Err(RloxError::value(
-                    "pack_length",
-                    format!(
-                        "pair {} has a sequence of {n} tokens, more than pack_length={cap}; \
-                         set max_length <= pack_length",
-                        p.index
-                    ),
-                ));
-            }
-        }
-    }
-    let mut row_pieces: Vec<Vec<Piece<'_>>>;
-    match o.layout {
-        Layout::Padded | Layout::Packed => {
-            let (place, rows) = match o.layout {
-                Layout::Padded => ((0..2 * b).map(|s| (s, 0)).collect(), 2 * b),
-                _ => {
-                    let (place, fills) = pack(&sequence_lengths(&cuts), o.pack_length);
-                    (place, fills.len())
-                }
-            };
-            row_pieces = vec![Vec::new(); rows];
-            for (s, &(row, start)) in place.iter().enumerate() {
-                let (pair, side) = (s % b, s / b);
-                let (pr, ch, rj) = slices(&kept[pair]);
-                row_pieces[row].push(Piece {
-                    pair,
-                    side,
-                    prompt: pr,
-                    completion: if side == 0 { ch } else { rj },
-                    start,
-                    seq_id: s as i32,
-                    shared_prompt_end: None,
-                });
-            }
-        }
-        Layout::PrefixShared => {
-            row_pieces = vec![Vec::new(); b];
-            for (pair, k) in kept.iter().enumerate() {
-                let (pr, ch, rj) = slices(k);
-                let base = Piece {
-                    pair,
-                    side: 0,
-                    prompt: pr,
-                    completion: ch,
-                    start: 0,
-                    seq_id: pair as i32,
-                    shared_prompt_end: None,
-                };
-                row_pieces[pair].push(base);
-                row_pieces[pair].push(Piece {
-                    side: 1,
-                    completion: rj,
-                    start: pr.len() + ch.len(),
-                    shared_prompt_end: Some(pr.len()),
-                    ..base
-                });
-            }
-        }
-    }
+    let row_pieces = place(&kept, o)?;
     // Pairs sit at random places of a large store: start every cache miss now, all at once,
     // instead of one at a time as the fill loop reaches each segment.
     for (p, c) in &kept {
@@ -608,41 +533,19 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
         skipped,
         ..Default::default()
     };
-    if o.layout == Layout::Packed {
-        let mut cu = vec![0i64];
-        for (row, pieces) in row_pieces.iter().enumerate() {
-            let mut fill = 0;
-            let mut starts: Vec<(usize, usize)> = pieces
-                .iter()
-                .map(|p| (p.start, p.prompt.len() + p.completion.len()))
-                .collect();
-            starts.sort_unstable();
-            for (s, n) in starts {
-                cu.push((row * length + s + n) as i64);
-                fill = s + n;
+    match o.layout {
+        Layout::Packed => {
+            if cells > i32::MAX as usize {
+                return Err(RloxError::value(
+                    "pack_length",
+                    format!("{cells} tokens do not fit the int32 cu_seqlens"),
+                ));
             }
-            if fill < length {
-                cu.push(((row + 1) * length) as i64);
-            }
+            out.cu_seqlens = cu_seqlens(&row_pieces, length);
+            out.attn_segments = attn::packed_segments(&out.cu_seqlens, length, &out.sequence_ids);
         }
-        if cells > i32::MAX as usize {
-            return Err(RloxError::value(
-                "pack_length",
-                format!("{cells} tokens do not fit the int32 cu_seqlens"),
-            ));
-        }
-        out.cu_seqlens = cu.into_iter().map(|x| x as i32).collect();
-        out.attn_segments = attn::packed_segments(&out.cu_seqlens, length, &out.sequence_ids);
-    }
-    if o.layout == Layout::PrefixShared {
-        out.segment_ends = cuts
-            .iter()
-            .flat_map(|c| {
-                let (p, pc) = (c.prompt, c.prompt + c.chosen);
-                [p as i64, pc as i64, (pc + c.rejected) as i64]
-            })
-            .collect();
-        out.attn_segments = attn::prefix_shared_segments(&out.segment_ends);
+        Layout::PrefixShared => prefix_shared_structure(&mut out, &row_pieces),
+        Layout::Padded => {}
     }
     out.pair_index = kept.iter().map(|k| k.0.index as i64).collect();
     out.truncated = cuts.iter().filter(|c| c.truncated).count();
@@ -652,113 +555,9 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
     Ok(out)
 }
 
-/// A dense `rows x cols` matrix of token ids in row-major order.
-#[derive(Debug, Clone, Copy)]
-pub struct IdMatrix<'a> {
-    pub data: &'a [i64],
-    pub rows: usize,
-    pub cols: usize,
-}
-
-impl<'a> IdMatrix<'a> {
-    pub fn new(field: &str, data: &'a [i64], rows: usize, cols: usize) -> Result<Self> {
-        if data.len() != rows * cols {
-            return Err(RloxError::value(
-                field,
-                format!("{} ids do not fill a {rows}x{cols} matrix", data.len()),
-            ));
-        }
-        Ok(Self { data, rows, cols })
-    }
-
-    fn row(&self, i: usize) -> &'a [i64] {
-        &self.data[i * self.cols..(i + 1) * self.cols]
-    }
-}
-
-/// The span `[start, end)` of `row` left after stripping pads (leading ones only if `leading`).
-fn strip(row: &[i64], pad: Option<i64>, leading: bool) -> (usize, usize) {
-    let Some(p) = pad else {
-        return (0, row.len());
-    };
-    let end = row.iter().rposition(|&t| t != p).map_or(0, |e| e + 1);
-    let start = if leading {
-        row[..end].iter().position(|&t| t != p).unwrap_or(end)
-    } else {
-        0
-    };
-    (start, end)
-}
-
-/// Padded-layout collation of `(B, P)`, `(B, C)`, `(B, R)` id matrices, without truncation.
-///
-/// With a pad id, pads may sit on either side of a prompt row and at the right end of completion
-/// rows; they are removed first, so a pad is never context and never a target.
-pub fn collate_pairs(
-    prompt: IdMatrix<'_>,
-    chosen: IdMatrix<'_>,
-    rejected: IdMatrix<'_>,
-    pad_token_id: Option<i64>,
-    vocab_size: Option<i64>,
-) -> Result<Collated> {
-    let b = prompt.rows;
-    for (name, m) in [("chosen", &chosen), ("rejected", &rejected)] {
-        if m.rows != b {
-            return Err(RloxError::value(
-                name,
-                format!("has batch size {} but prompt has {b}", m.rows),
-            ));
-        }
-    }
-    if b == 0 {
-        return Err(RloxError::value("prompt", "batch is empty"));
-    }
-    let mut pairs = Vec::with_capacity(b);
-    for i in 0..b {
-        let mut runs = [Ints::I64(&[]); 3];
-        for (k, (name, m)) in [
-            ("prompt", &prompt),
-            ("chosen", &chosen),
-            ("rejected", &rejected),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (s, e) = strip(m.row(i), pad_token_id, k == 0);
-            if e == s {
-                let what = if k == 0 {
-                    "prompt has no tokens after removing padding; at least one is needed to predict the first completion token"
-                } else {
-                    "completion is empty after removing padding"
-                };
-                return Err(RloxError::at(name, i, what));
-            }
-            runs[k] = Ints::I64(&m.row(i)[s..e]);
-            check_ids(name, i, runs[k], vocab_size)?;
-        }
-        pairs.push(PairRef {
-            index: i,
-            prompt: runs[0],
-            chosen: runs[1],
-            rejected: runs[2],
-        });
-    }
-    let o = CollateOptions {
-        pad_token_id: pad_token_id.filter(|&p| p >= 0).unwrap_or(0),
-        ..CollateOptions::padded()
-    };
-    collate(&pairs, &o)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const PAD: i64 = 0;
-
-    fn m(data: &[i64], rows: usize) -> IdMatrix<'_> {
-        IdMatrix::new("x", data, rows, data.len() / rows).unwrap()
-    }
 
     fn pair<'a>(i: usize, p: &'a [i64], c: &'a [i64], r: &'a [i64]) -> PairRef<'a> {
         PairRef {
@@ -767,74 +566,6 @@ mod tests {
             chosen: Ints::I64(c),
             rejected: Ints::I64(r),
         }
-    }
-
-    #[test]
-    fn repacks_left_and_right_padded_prompts() {
-        let prompt = [PAD, 5, 6, 7, 8, PAD];
-        let chosen = [9, 10, 11, 12];
-        let rejected = [13, PAD, 14, 15];
-        let b = collate_pairs(
-            m(&prompt, 2),
-            m(&chosen, 2),
-            m(&rejected, 2),
-            Some(PAD),
-            None,
-        )
-        .unwrap();
-        assert_eq!((b.rows, b.length), (4, 4));
-        assert_eq!(
-            b.input_ids,
-            vec![5, 6, 9, 10, 7, 8, 11, 12, 5, 6, 13, PAD, 7, 8, 14, 15]
-        );
-        assert_eq!(
-            b.attention_mask,
-            vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1]
-        );
-        let lm: Vec<i64> = b.loss_mask.iter().map(|&x| x as i64).collect();
-        assert_eq!(lm, vec![0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 1, 1]);
-        assert_eq!(
-            b.position_ids,
-            vec![0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 0, 0, 1, 2, 3]
-        );
-        assert_eq!(
-            (b.chosen_lengths.clone(), b.rejected_lengths.clone()),
-            (vec![2, 2], vec![1, 2])
-        );
-        assert_eq!(b.plan_row, vec![0, 0, 1, 1, 2, 3, 3]);
-        assert_eq!(b.plan_position, vec![1, 2, 1, 2, 1, 1, 2]);
-        assert_eq!(b.plan_target, vec![9, 10, 11, 12, 13, 14, 15]);
-        assert_eq!(b.plan_pair, vec![0, 0, 1, 1, 0, 1, 1]);
-        assert_eq!(b.plan_side, vec![0, 0, 0, 0, 1, 1, 1]);
-    }
-
-    #[test]
-    fn without_pad_id_everything_counts() {
-        let b = collate_pairs(m(&[1, 0], 1), m(&[0], 1), m(&[2, 3], 1), None, None).unwrap();
-        assert_eq!(b.input_ids, vec![1, 0, 0, 0, 1, 0, 2, 3]);
-        assert_eq!(b.attention_mask, vec![1, 1, 1, 0, 1, 1, 1, 1]);
-        assert_eq!(b.plan_position, vec![1, 1, 2]);
-    }
-
-    #[test]
-    fn bad_matrix_input_names_field_and_row() {
-        let e = collate_pairs(m(&[1, 2], 2), m(&[3], 1), m(&[4, 5], 2), None, None).unwrap_err();
-        assert_eq!(e.field, "chosen");
-        let e = collate_pairs(
-            m(&[1, 2], 2),
-            m(&[3, PAD], 2),
-            m(&[4, 5], 2),
-            Some(PAD),
-            None,
-        )
-        .unwrap_err();
-        assert_eq!((e.field.as_str(), e.index), ("chosen", Some(1)));
-        let e =
-            collate_pairs(m(&[1, 2], 2), m(&[3, 3], 2), m(&[4, -5], 2), None, None).unwrap_err();
-        assert_eq!((e.field.as_str(), e.index), ("rejected", Some(1)));
-        let e =
-            collate_pairs(m(&[1, 2], 2), m(&[3, 9], 2), m(&[4, 5], 2), None, Some(8)).unwrap_err();
-        assert_eq!((e.field.as_str(), e.index), ("chosen", Some(1)));
     }
 
     #[test]
@@ -855,6 +586,55 @@ mod tests {
         assert_eq!(b.plan_side, vec![0, 0, 0, 1, 1]);
         assert_eq!(b.sequence_ids, vec![0, 0, 0, 0, 0, 0, 0, -1]);
         assert_eq!(b.pair_index, vec![7]);
+    }
+
+    #[test]
+    fn prefix_shared_packs_several_pairs_per_row() {
+        let (p, c, r) = ([1, 2], [3, 4, 5], [6, 7]);
+        let o = CollateOptions {
+            layout: Layout::PrefixShared,
+            pack_length: Some(12),
+            ..CollateOptions::padded()
+        };
+        // Triples of 7, 3 and 4 tokens: rows [7 + 4] (pairs 0, 2) and [3] (pair 1).
+        let pairs = [
+            pair(0, &p, &c, &r),
+            pair(1, &p[..1], &c[..1], &r[..1]),
+            pair(2, &p[..1], &c[..2], &r[..1]),
+        ];
+        let b = collate(&pairs, &o).unwrap();
+        assert_eq!((b.rows, b.length), (2, 11));
+        assert_eq!(&b.input_ids[..11], &[1, 2, 3, 4, 5, 6, 7, 1, 3, 4, 6]);
+        assert_eq!(&b.position_ids[..11], &[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 1]);
+        assert_eq!(b.segment_ends, vec![2, 5, 7, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(b.pair_rows, vec![0, 1, 0]);
+        assert_eq!(&b.sequence_ids[..11], &[0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2]);
+        // Pair 2's first rejected token is predicted at its own prompt's end (position 7).
+        assert_eq!(b.plan_row, vec![0, 0, 0, 0, 0, 0, 0, 0, 1, 1]);
+        assert_eq!(b.plan_position, vec![1, 2, 3, 1, 5, 7, 8, 7, 0, 0]);
+        assert_eq!(b.plan_pair, vec![0, 0, 0, 0, 0, 2, 2, 2, 1, 1]);
+        assert_eq!(
+            b.attn_segments,
+            vec![
+                0, 0, 5, 0, 0, 0, 5, 7, 0, 2, 0, 7, 10, 0, 0, 0, 10, 11, 7, 8, 1, 0, 2, 0, 0, 1, 2,
+                3, 0, 1
+            ]
+        );
+        let (rows, length, real) = batch_shape(&cuts_of(&pairs, &o), &o);
+        assert_eq!((rows, length, real), (2, 11, 14));
+        let small = CollateOptions {
+            pack_length: Some(6),
+            ..o
+        };
+        let e = collate(&pairs, &small).unwrap_err();
+        assert!(e.field == "pack_length" && e.message.contains("pair 0"));
+    }
+
+    fn cuts_of(pairs: &[PairRef<'_>], o: &CollateOptions) -> Vec<Cut> {
+        pairs
+            .iter()
+            .filter_map(|p| cut(p.prompt.len(), p.chosen.len(), p.rejected.len(), o))
+            .collect()
     }
 
     #[test]

@@ -132,6 +132,7 @@ fn key(c: &Option<Cut>, layout: Layout) -> usize {
 fn cost(n: usize, longest: usize, sum: usize, o: &CollateOptions) -> usize {
     match o.layout {
         Layout::Padded => n.saturating_mul(2).saturating_mul(o.round(longest)),
+        _ if o.packs_rows() => sum,
         Layout::PrefixShared => n.saturating_mul(o.round(longest)),
         Layout::Packed => sum,
     }
@@ -251,7 +252,7 @@ pub fn plan(lengths: [&[i64]; 3], o: &PlanOptions) -> Result<Plan> {
         rounds.extend(bounds.iter().map(|&(s, e)| split_even(&order[s..e], ws)));
     } else {
         let budget = o.max_tokens.unwrap_or(usize::MAX);
-        let ffd = o.group_by_length && o.collate.layout == Layout::Packed;
+        let ffd = o.group_by_length && o.collate.packs_rows();
         let mut batches: Vec<Vec<i64>> = order
             .par_chunks(group)
             .flat_map_iter(|g| budget_batches(g, &keys, budget, &o.collate, ffd))

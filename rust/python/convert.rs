@@ -167,6 +167,7 @@ pub(super) fn collated_dict<'py>(py: Python<'py>, b: Collated) -> PyResult<Bound
     out.set_item("num_truncated", b.truncated)?;
     for (key, v) in [
         ("pair_index", b.pair_index),
+        ("pair_rows", b.pair_rows),
         ("skipped", b.skipped),
         ("prompt_lengths", b.prompt_lengths),
         ("chosen_lengths", b.chosen_lengths),

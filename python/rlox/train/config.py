@@ -189,7 +189,9 @@ class DataConfig:
     max_length: int | None = _opt(1024, "longest prompt + completion sequence, in tokens")
     max_prompt_length: int | None = _opt(None, "cut prompts to this many tokens first")
     truncation: str = _opt("keep_end", "which prompt tokens to keep: keep_end or keep_start")
-    pack_length: int | None = _opt(None, "tokens per packed row (packed; default max_length)")
+    pack_length: int | None = _opt(
+        None, "tokens per row: packed (default max_length), prefix_shared (default one pair)"
+    )
     pad_to_multiple_of: int | None = _opt(None, "round each batch's length up to a multiple")
 
     def data_kwargs(self) -> dict[str, Any]:

@@ -27,21 +27,24 @@ def _inner(model: nn.Module) -> nn.Module:
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward (non-reentrant ``torch.utils.checkpoint``).
 
-    Hugging Face models (peft wrappers forward the call) use their
-    ``gradient_checkpointing_enable`` with ``use_reentrant=False``; ``TinyCausalLM``
-    checkpoints each block. A module without ``gradient_checkpointing_enable`` is a
-    ``ValueError``.
+    Hugging Face models (peft wrappers forward the call) use ``activation_checkpointing_enable``
+    (transformers 5; ``gradient_checkpointing_enable`` before it) with ``use_reentrant=False``,
+    which needs no inputs that require grad, so frozen embeddings under LoRA are fine;
+    ``TinyCausalLM`` checkpoints each block. A module with neither method is a ``ValueError``.
     """
     model = _inner(model)
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable):
+    methods = (
+        (getattr(model, name, None), f"{name.removesuffix('_enable')}_kwargs")
+        for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+    )
+    enable, keyword = next(((m, k) for m, k in methods if callable(m)), (None, ""))
+    if enable is None:
         raise ValueError(
             f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable"
             "(); checkpoint its blocks yourself (torch.utils.checkpoint) and leave this off"
         )
-    params = inspect.signature(enable).parameters
-    if "gradient_checkpointing_kwargs" in params:
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if keyword in inspect.signature(enable).parameters:
+        enable(**{keyword: {"use_reentrant": False}})
     else:
         enable()
 
