@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_hf import gqa_llama
 
 from rlox import PreferenceDataset, _rlox
 from rlox.attention_flex import block_mask
@@ -112,20 +113,7 @@ def llamas():
     """One tiny Llama twice: with FlexAttention and (same weights) with sdpa."""
     import copy
 
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=LLAMA_VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    cfg._attn_implementation = "flex_attention"
-    flex = transformers.LlamaForCausalLM(cfg).eval()
+    flex = gqa_llama(LLAMA_VOCAB, "flex_attention")
     sdpa = copy.deepcopy(flex)
     sdpa.set_attn_implementation("sdpa")
     return flex, sdpa

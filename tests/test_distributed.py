@@ -263,22 +263,32 @@ def emptied_job(wrap: str, rank: int) -> dict[str, Any]:
     }
 
 
+def union_steps(
+    trainer: DPO,
+    ds: PreferenceDataset,
+    fit_kw: dict[str, Any],
+    plan_kw: dict[str, Any],
+    data_kw: dict[str, Any],
+) -> list[dict[str, float]]:
+    """One train_step per optimizer step of a WORLD-rank fit: the union of every rank's
+    micro-batches of that step, in the ranks' plan order."""
+    gas = fit_kw["gradient_accumulation_steps"]
+    metrics = []
+    for epoch in range(fit_kw["epochs"]):
+        plans = [ds.batches(epoch=epoch, rank=r, world_size=WORLD, **plan_kw) for r in range(WORLD)]
+        for k in range(0, len(plans[0]), gas):
+            union = np.concatenate([p[j] for j in range(k, k + gas) for p in plans])
+            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **data_kw)
+            metrics.append(trainer.train_step(batch))
+    return metrics
+
+
 def emptied_reference() -> dict[str, Any]:
     """One process on the union of both ranks' micro-batches of each step."""
     ds = make_emptied_dataset()
     policy, ref = make_models()
     trainer = DPO(policy, ref, **TRAINER_KW)
-    gas = EMPTIED_FIT_KW["gradient_accumulation_steps"]
-    metrics = []
-    for epoch in range(EMPTIED_FIT_KW["epochs"]):
-        plans = [
-            ds.batches(epoch=epoch, rank=r, world_size=WORLD, **EMPTIED_PLAN_KW)
-            for r in range(WORLD)
-        ]
-        for k in range(0, len(plans[0]), gas):
-            union = np.concatenate([p[j] for j in range(k, k + gas) for p in plans])
-            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **EMPTIED_DATA_KW)
-            metrics.append(trainer.train_step(batch))
+    metrics = union_steps(trainer, ds, EMPTIED_FIT_KW, EMPTIED_PLAN_KW, EMPTIED_DATA_KW)
     fit_params = full_params(policy)
     eval_metrics = trainer.evaluate(ds, batch_size=2, **EMPTIED_DATA_KW)
     union = np.concatenate(EMPTIED_STEP)
@@ -336,17 +346,7 @@ def accumulate_reference() -> dict[str, Any]:
     ds = make_dataset()
     policy, ref = make_models()
     trainer = DPO(policy, ref, **TRAINER_KW)
-    gas = ACCUMULATE_FIT_KW["gradient_accumulation_steps"]
-    metrics = []
-    for epoch in range(ACCUMULATE_FIT_KW["epochs"]):
-        plans = [
-            ds.batches(epoch=epoch, rank=r, world_size=WORLD, **ACCUMULATE_PLAN_KW)
-            for r in range(WORLD)
-        ]
-        for k in range(0, len(plans[0]), gas):
-            union = np.concatenate([p[j] for j in range(k, k + gas) for p in plans])
-            batch = ds.collate(union, pad_token_id=0, vocab_size=VOCAB, **DATA_KW)
-            metrics.append(trainer.train_step(batch))
+    metrics = union_steps(trainer, ds, ACCUMULATE_FIT_KW, ACCUMULATE_PLAN_KW, DATA_KW)
     return {"params": full_params(policy), "metrics": metrics}
 
 

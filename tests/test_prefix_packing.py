@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_hf import gqa_llama
 
 from rlox import PreferenceDataset
 
@@ -60,18 +60,7 @@ def test_pair_longer_than_pack_length_names_it():
 
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    cfg._attn_implementation = "sdpa"
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return gqa_llama(VOCAB, "sdpa")
 
 
 def alone(model, prompt: list[int], completion: list[int]) -> float:

@@ -68,6 +68,22 @@ def make_model(arch: str, vocab: int, tok: PreTrainedTokenizerFast) -> torch.nn.
     return transformers.LlamaForCausalLM(cfg)
 
 
+def gqa_llama(vocab: int, attn_implementation: str) -> torch.nn.Module:
+    """A 2-layer Llama with grouped-query attention (4 heads, 2 kv heads), seed 0, eval mode."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    cfg._attn_implementation = attn_implementation
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def save_tiny(arch: str, tokenizer: PreTrainedTokenizerFast, path: Path) -> Path:
     """Write a tiny ``arch`` model ("gpt2" or "llama") and ``tokenizer`` to directory ``path``."""
     make_model(arch, len(tokenizer), tokenizer).save_pretrained(str(path))
