@@ -125,7 +125,7 @@ def test_boolean_mask_is_wrong_under_eager(dataset, arch):
 
 def test_hf_implementation_is_read_through_wrappers():
     model = tiny("llama", "eager")
-    # The decoder half (_split_head calls model.base_model) shares the config object.
+    # The decoder half (split_head calls model.base_model) shares the config object.
     assert model.base_model.config is model.config
     assert attn_implementation(model.base_model) == "eager"
     model.config._attn_implementation = None  # HF dispatches None to eager attention

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from rlox import DPO, PreferenceDataset, sequence_logps
-from rlox.data import DATA_FILE, LAYOUTS, META_FILE, PreferenceBatchSampler
+from rlox.data import DATA_FILE, LAYOUTS, META_FILE
+from rlox.loader import PreferenceBatchSampler
 from rlox.models import TinyCausalLM, TinyLMConfig
 
 VOCAB = 37

@@ -134,7 +134,7 @@ def test_aux_loss_through_the_full_forward(dataset, monkeypatch):
         for layout in LAYOUTS
     }
     hooks = sum(len(m._forward_hooks) for m in model.modules())  # HF's own capturing hooks
-    monkeypatch.setattr(logps_module, "_split_head", lambda m: None)
+    monkeypatch.setattr(logps_module, "split_head", lambda m: None)
     for layout in LAYOUTS:
         stats = sequence_stats(model, collate(dataset, layout), router_aux=True)
         torch.testing.assert_close(stats.aux_loss, split[layout].aux_loss, rtol=1e-6, atol=1e-6)

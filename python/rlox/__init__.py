@@ -2,14 +2,8 @@
 
 from rlox._rlox import DPOLossOutput, __version__, dpo_loss
 from rlox.algorithms.dpo import DPO, DPOConfig, FitResult, collate_pairs, sequence_logps
-from rlox.data import (
-    BatchPlan,
-    PairBatch,
-    PreferenceBatchSampler,
-    PreferenceCollator,
-    PreferenceDataset,
-    dense_attention_mask,
-)
+from rlox.data import BatchPlan, PairBatch, PreferenceDataset, dense_attention_mask
+from rlox.loader import PreferenceBatchSampler, PreferenceCollator
 
 __all__ = [
     "DPO",

@@ -86,7 +86,8 @@ def collate_pairs(
     """Re-pack (B, P), (B, C), (B, R) ids into the padded layout (see ``PairStore.collate``)."""
 
 class PairStore:
-    """Ragged (prompt, chosen, rejected) token columns: flat values plus (n + 1,) offsets each.
+    """Ragged (prompt, chosen, rejected) token columns: flat values plus (n + 1,) offsets each,
+    in one or more parts read as one store.
 
     int32/int64 contiguous arrays are held without copying; construction checks are O(1).
     """
@@ -101,8 +102,15 @@ class PairStore:
         rejected_offsets: npt.NDArray[np.integer],
     ) -> None: ...
     def __len__(self) -> int: ...
+    @staticmethod
+    def concat(stores: Sequence[PairStore]) -> PairStore:
+        """The stores' parts in order, read as one store (nothing copied)."""
     def arrays(self) -> list[npt.NDArray[np.integer]]:
-        """The six arrays in constructor order."""
+        """The six arrays in constructor order (a store of one part; else ValueError)."""
+    def parts(self) -> list[list[npt.NDArray[np.integer]]]:
+        """Each part's six arrays, in order."""
+    def starts(self) -> npt.NDArray[np.int64]:
+        """(parts + 1,) the global index of each part's first pair, then the total."""
     def validate(self, vocab_size: int | None = None) -> None:
         """Check every pair; the ValueError names the field and the first bad pair."""
     def lengths(self) -> list[npt.NDArray[np.int64]]:
@@ -134,8 +142,25 @@ class PairStore:
         **options: Any,
     ) -> tuple[int, int]:
         """(real tokens, total slots) of collating the given batches (collation options)."""
+    def filter(
+        self,
+        *,
+        min_prompt_length: int | None = None,
+        max_prompt_length: int | None = None,
+        min_completion_length: int | None = None,
+        max_completion_length: int | None = None,
+        max_length: int | None = None,
+        drop_identical: bool = False,
+    ) -> tuple[npt.NDArray[np.int64], dict[str, int]]:
+        """(kept indices ascending, pairs dropped per reason: prompt_length, completion_length,
+        length, identical)."""
+    def deduplicate(self) -> npt.NDArray[np.int64]:
+        """Indices (ascending) of the first occurrence of each distinct token triple."""
+    def checksums(self, chunk: int = ...) -> list[list[int]]:
+        """Per column: CRC-32 of its int64 lengths, then of its int64 ids in runs of ``chunk``."""
     def save(self, path: str) -> list[dict[str, Any]]:
-        """Write the token file; returns its sections (name, dtype, offset, count, crc32)."""
+        """Write all parts as one token file; returns its sections (name, dtype, offset, count,
+        crc32)."""
 
 class TokenEncoder:
     """A Hugging Face tokenizer, loaded from its JSON, that encodes batches on all cores."""

@@ -12,99 +12,34 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
+import pyarrow as pa
 
 from rlox import _rlox
 from rlox.batch import LAYOUTS, PairBatch, batch_from_arrays, dense_attention_mask
 from rlox.columns import ARRAY_NAMES, COLUMNS, array_columns, arrow_columns, list_columns
+from rlox.indices import BatchPlan, PairIndices, PairLengths, index_array, int_option
 from rlox.store_file import DATA_FILE as DATA_FILE
 from rlox.store_file import META_FILE as META_FILE
 from rlox.store_file import STORE_FORMAT as STORE_FORMAT
 from rlox.store_file import STORE_VERSION as STORE_VERSION
 from rlox.store_file import read_store, write_store
 
+if TYPE_CHECKING:
+    from rlox.loader import PreferenceBatchSampler, PreferenceCollator
+
 __all__ = [
     "LAYOUTS",
     "BatchPlan",
     "PairBatch",
     "PairLengths",
-    "PreferenceBatchSampler",
-    "PreferenceCollator",
     "PreferenceDataset",
     "dense_attention_mask",
 ]
-
-
-class PairLengths(NamedTuple):
-    """(n,) int64 token counts of each column."""
-
-    prompt: np.ndarray
-    chosen: np.ndarray
-    rejected: np.ndarray
-
-
-class BatchPlan(Sequence[np.ndarray]):
-    """One rank's batches for one epoch: batch ``k`` is ``indices[offsets[k]:offsets[k + 1]]``."""
-
-    def __init__(self, indices: np.ndarray, offsets: np.ndarray) -> None:
-        self.indices = indices
-        self.offsets = offsets
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, k: int) -> np.ndarray:  # type: ignore[override]
-        if not -len(self) <= k < len(self):
-            raise IndexError(f"batch {k} out of range for {len(self)} batches")
-        k %= len(self)
-        return self.indices[self.offsets[k] : self.offsets[k + 1]]
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for k in range(len(self)):
-            yield self.indices[self.offsets[k] : self.offsets[k + 1]]
-
-    def __repr__(self) -> str:
-        return f"BatchPlan({len(self)} batches, {len(self.indices)} pairs)"
-
-
-class PairIndices(NamedTuple):
-    """The pair indices of one batch, as handed from a ``DataLoader`` to :class:`PreferenceCollator`."""
-
-    indices: np.ndarray
-
-
-def _int_option(name: str, value: Any, *, minimum: int = 0, allow_none: bool = True) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _indices(indices: Any, n: int | None = None) -> np.ndarray:
-    """A 1-D int64 index array (negative indices count from the end when ``n`` is given)."""
-    if isinstance(indices, Tensor):
-        indices = indices.detach().cpu().numpy()
-    try:
-        arr = np.asarray(indices)
-    except (ValueError, TypeError):
-        raise TypeError("indices: expected a 1-D sequence of ints") from None
-    if arr.dtype == object or (arr.size and arr.dtype.kind not in "iu"):
-        raise TypeError(f"indices: expected integers, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"indices: must be 1-D, got shape {arr.shape}")
-    arr = arr.astype(np.int64, copy=False)
-    if n is not None and arr.size and arr.min() < 0:
-        arr = np.where(arr < 0, arr + n, arr)
-    return arr
 
 
 class PreferenceDataset:
@@ -124,8 +59,10 @@ class PreferenceDataset:
         self._max_resident: int | None = None
         self._base_resident = 0
         self._calls = 0
-        arrays = store.arrays()
-        self._arrays = dict(zip(ARRAY_NAMES, arrays, strict=True))
+        self._parts = [dict(zip(ARRAY_NAMES, a, strict=True)) for a in store.parts()]
+        self._starts = store.starts()
+        self.dropped: dict[str, int] = {}
+        """Pairs removed by the :meth:`filter` / :meth:`deduplicate` that made this dataset."""
         self._directory: Path | None = path
         # Per-pair reference log-probs by cache key (see DPO.precompute_reference).
         self._reference_logps: dict[str, Any] = {}
@@ -186,12 +123,33 @@ class PreferenceDataset:
         columns: Sequence[str] = ("prompt_ids", "chosen_ids", "rejected_ids"),
         vocab_size: int | None = None,
         validate: bool = True,
+        out: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        part_tokens: int | None = None,
     ) -> PreferenceDataset:
         """Build from a ``pyarrow.Table``/``RecordBatch``, a ``datasets.Dataset`` or a mapping of
         Arrow arrays, reading the ``list<int>`` columns named by ``columns`` (prompt, chosen,
         rejected) in place when each is a single chunk. A ``datasets.Dataset`` with an index
         mapping (after ``select``/``shuffle``) is gathered through that mapping.
+
+        With ``out``, ``data`` may also be an iterator of record batches (e.g.
+        ``pyarrow.parquet.ParquetFile.iter_batches``): they are appended to an on-disk store in
+        ``out`` part by part (see :mod:`rlox.store_writer`; memory bounded by ``part_tokens``),
+        ``resume`` continues an interrupted run, and the store is returned memory-mapped.
         """
+        if out is not None:
+            from rlox.ingest import ingest_arrow
+
+            single = isinstance(data, (pa.Table, pa.RecordBatch)) or hasattr(data, "column_names")
+            path = ingest_arrow(
+                [data] if single else data,
+                out,
+                columns=columns,
+                resume=resume,
+                vocab_size=vocab_size,
+                **_part_tokens(part_tokens),
+            )
+            return cls.load(path)
         arrays, mapping = arrow_columns(data, columns)
         try:
             store = _rlox.PairStore(*arrays)
@@ -205,19 +163,75 @@ class PreferenceDataset:
         return dataset
 
     @classmethod
-    def from_text(cls, records_or_path: Any, tokenizer: Any, **kwargs: Any) -> PreferenceDataset:
-        """Tokenize preference text (see :func:`rlox.text.tokenize_preferences`) into a store."""
+    def from_text(
+        cls,
+        records_or_path: Any,
+        tokenizer: Any,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        split: str | Sequence[str] | None = None,
+        shard: tuple[int, int] | None = None,
+        resume: bool = False,
+        part_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> PreferenceDataset:
+        """Tokenize preference text (see :func:`rlox.text.tokenize_preferences`) into a store.
+
+        ``records_or_path`` may also be a glob or a list of ``.jsonl``/``.parquet`` files, or a
+        ``DatasetDict`` with ``split`` (a name or a list), read as one sequence of records.
+
+        With ``out``, records are tokenized batch by batch and streamed to an on-disk store in
+        directory ``out`` (memory bounded by ``part_tokens``, whatever the dataset's size), which
+        is returned memory-mapped; ``resume=True`` continues an interrupted run from its last
+        committed part. ``shard=(i, n)`` tokenizes only the i-th of n contiguous slices of the
+        records into ``out/shard-IIIII-of-NNNNN`` and returns that shard; once all n shards are
+        written (by any processes or machines), ``out`` loads as the whole store, the same pairs
+        as one process would build.
+        """
+        from rlox.ingest import expand_inputs, ingest_text, record_batches
+
+        if out is not None or shard is not None:
+            if out is None:
+                raise ValueError("out: shard= writes to disk; give the store's directory")
+            path = ingest_text(
+                records_or_path,
+                tokenizer,
+                out,
+                split=split,
+                shard=shard,
+                resume=resume,
+                **_part_tokens(part_tokens),
+                **kwargs,
+            )
+            return cls.load(path)
+        inputs = expand_inputs(records_or_path, split)
+        if len(inputs) == 1:
+            from rlox.text import tokenize_preferences
+
+            return cls.from_arrays(*tokenize_preferences(inputs[0], tokenizer, **kwargs).arrays())
         from rlox.text import tokenize_preferences
 
-        t = tokenize_preferences(records_or_path, tokenizer, **kwargs)
-        return cls.from_arrays(
-            t.prompt_values,
-            t.prompt_offsets,
-            t.chosen_values,
-            t.chosen_offsets,
-            t.rejected_values,
-            t.rejected_offsets,
-        )
+        stores = [
+            _rlox.PairStore(*tokenize_preferences(chunk, tokenizer, **kwargs).arrays())
+            for chunk in record_batches(inputs, batch=1 << 20)
+        ]
+        store = _rlox.PairStore.concat(stores)
+        store.validate(None)
+        return cls(store)
+
+    @classmethod
+    def concatenate(cls, datasets: Sequence[PreferenceDataset]) -> PreferenceDataset:
+        """The pairs of ``datasets`` in order, as one dataset; nothing is copied (memory-mapped
+        stores stay mapped)."""
+        datasets = list(datasets)
+        for k, d in enumerate(datasets):
+            if not isinstance(d, PreferenceDataset):
+                raise TypeError(
+                    f"datasets[{k}]: expected a PreferenceDataset, got {type(d).__name__}"
+                )
+        out = cls(_rlox.PairStore.concat([d._store for d in datasets]))
+        out._mapping = [m for d in datasets for m in d._mapping or ()]
+        return out
 
     # ------------------------------------------------------------------ persistence
     # The file format (header, sections, checksums) lives in rlox.store_file.
@@ -253,11 +267,11 @@ class PreferenceDataset:
         than the budget collates up to about 2x slower).
         """
         path = Path(path)
-        store, raw = read_store(path, mmap=mmap, verify=verify)
+        store, raws = read_store(path, mmap=mmap, verify=verify)
         dataset = cls(store, path=path.resolve() if mmap else None)
         dataset._directory = path.resolve()
         if mmap:
-            dataset._mapping = getattr(raw, "_mmap", None)
+            dataset._mapping = [m for r in raws if (m := getattr(r, "_mmap", None)) is not None]
             dataset._max_resident = max_resident
             if max_resident is not None:
                 dataset.release_pages()  # pages read by verify do not count against the budget
@@ -267,10 +281,10 @@ class PreferenceDataset:
     def release_pages(self) -> None:
         """Drop this process's resident pages of a memory-mapped store (they stay in the OS page
         cache, so touching them again is cheap)."""
-        if self._mapping is not None and hasattr(self._mapping, "madvise"):
-            import mmap as mmap_module
+        import mmap as mmap_module
 
-            self._mapping.madvise(mmap_module.MADV_DONTNEED)
+        for mapping in self._mapping or ():
+            mapping.madvise(mmap_module.MADV_DONTNEED)
 
     def _bound_resident(self) -> None:
         if self._max_resident is None:
@@ -287,7 +301,8 @@ class PreferenceDataset:
         # A memory-mapped store pickles as its path: worker processes map the same file.
         if self._path is not None:
             return (_load_mapped, (str(self._path),))
-        return (_from_arrays, tuple(np.ascontiguousarray(a) for a in self._store.arrays()))
+        parts = [tuple(np.ascontiguousarray(a) for a in p) for p in self._store.parts()]
+        return (_from_parts, (parts,))
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -306,14 +321,16 @@ class PreferenceDataset:
             raise IndexError(f"index {i} out of range for {n} pairs")
         i = int(i) % n
         out: dict[str, Any] = {"index": i}
+        k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        part, local = self._parts[k], i - int(self._starts[k])
         for c in COLUMNS:
-            off = self._arrays[f"{c}_offsets"]
-            out[c] = self._arrays[f"{c}_values"][off[i] : off[i + 1]]
+            off = part[f"{c}_offsets"]
+            out[c] = part[f"{c}_values"][off[local] : off[local + 1]]
         return out
 
     def __getitems__(self, indices: Sequence[int]) -> PairIndices:
         """Batched access for ``torch.utils.data.DataLoader``: defers to the collator."""
-        return PairIndices(_indices(indices, len(self)))
+        return PairIndices(index_array(indices, len(self)))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         for i in range(len(self)):
@@ -327,23 +344,28 @@ class PreferenceDataset:
     def fingerprint(self) -> str:
         """Hex digest of the pairs' token ids, independent of the storage dtype and offset base.
 
-        Hashes the CRC-32 of each column's row lengths and of its ids as int64, in chunks.
+        Hashes the CRC-32 of each column's int64 row lengths and of its ids as int64, in chunks
+        (computed in Rust over all parts), so a store and its parts concatenated agree.
         """
         digest = hashlib.sha256(str(len(self)).encode())
-        for c in COLUMNS:
-            off = self._arrays[f"{c}_offsets"]
-            values = self._arrays[f"{c}_values"][off[0] : off[-1]] if len(off) else off[:0]
-            digest.update(b"%d|" % _rlox.crc32(np.diff(off)))
-            for start in range(0, len(values), 1 << 22):
-                chunk = np.ascontiguousarray(values[start : start + (1 << 22)], dtype=np.int64)
-                digest.update(b"%d|" % _rlox.crc32(chunk))
+        for crcs in self._store.checksums():
+            for crc in crcs:
+                digest.update(b"%d|" % crc)
         return digest.hexdigest()
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
-        """The six backing arrays (``prompt_values``, ``prompt_offsets``, ...), read-only views."""
+        """The six backing arrays (``prompt_values``, ``prompt_offsets``, ...), read-only views.
+
+        ``ValueError`` for a store of several parts (:meth:`select` or :meth:`save` makes one).
+        """
+        if len(self._parts) != 1:
+            raise ValueError(
+                f"arrays: this store has {len(self._parts)} parts and no single set of arrays; "
+                "select() or save() + load() gives one"
+            )
         out = {}
-        for k, a in self._arrays.items():
+        for k, a in self._parts[0].items():
             v = a.view()
             v.flags.writeable = False
             out[k] = v
@@ -355,12 +377,60 @@ class PreferenceDataset:
 
     def select(self, indices: Any) -> PreferenceDataset:
         """A new in-memory dataset of the pairs at ``indices`` (in that order, repeats allowed)."""
-        return PreferenceDataset(_rlox.PairStore(*self._store.take(_indices(indices, len(self)))))
+        return PreferenceDataset(
+            _rlox.PairStore(*self._store.take(index_array(indices, len(self))))
+        )
+
+    def filter(
+        self,
+        *,
+        min_prompt_length: int | None = None,
+        max_prompt_length: int | None = None,
+        min_completion_length: int | None = None,
+        max_completion_length: int | None = None,
+        max_length: int | None = None,
+        drop_identical: bool = False,
+        out: str | os.PathLike[str] | None = None,
+    ) -> PreferenceDataset:
+        """The pairs within the length bounds (inclusive, tokens; completion bounds apply to
+        both completions, ``max_length`` to prompt + the longer one), and with
+        ``drop_identical``, without chosen == rejected ids. Runs in Rust from offsets (tokens
+        only for the identical check); the result's :attr:`dropped` counts the pairs removed per
+        reason (``prompt_length``, ``completion_length``, ``length``, ``identical``; the first
+        that applies). ``out`` writes the result to a store there (bounded memory)."""
+        kept, counts = self._store.filter(
+            min_prompt_length=min_prompt_length,
+            max_prompt_length=max_prompt_length,
+            min_completion_length=min_completion_length,
+            max_completion_length=max_completion_length,
+            max_length=max_length,
+            drop_identical=bool(drop_identical),
+        )
+        return self._keep(kept, {k: int(v) for k, v in counts.items()}, out)
+
+    def deduplicate(self, *, out: str | os.PathLike[str] | None = None) -> PreferenceDataset:
+        """The first occurrence of every distinct (prompt, chosen, rejected) token triple, in
+        order (hashed in Rust, equal hashes compared token by token); :attr:`dropped` holds
+        ``{"duplicates": n}``. ``out`` writes the result to a store there."""
+        return self._keep(self._store.deduplicate(), None, out)
+
+    def _keep(self, kept: np.ndarray, counts: dict[str, int] | None, out: Any) -> PreferenceDataset:
+        if out is None:
+            result = self.select(kept)
+        else:
+            from rlox.store_writer import StoreWriter
+
+            writer = StoreWriter(out)
+            for start in range(0, len(kept), 1 << 16):
+                writer.append(*self._store.take(kept[start : start + (1 << 16)]))
+            result = PreferenceDataset.load(writer.close())
+        result.dropped = counts if counts is not None else {"duplicates": len(self) - len(kept)}
+        return result
 
     def shard(self, rank: int, world_size: int, *, contiguous: bool = True) -> PreferenceDataset:
         """Pairs of shard ``rank`` out of ``world_size`` (contiguous blocks or every k-th pair)."""
-        world_size = _int_option("world_size", world_size, minimum=1, allow_none=False)
-        rank = _int_option("rank", rank, allow_none=False)
+        world_size = int_option("world_size", world_size, minimum=1, allow_none=False)
+        rank = int_option("rank", rank, allow_none=False)
         if rank >= world_size:
             raise ValueError(f"rank: must be < world_size ({world_size}), got {rank}")
         n = len(self)
@@ -419,7 +489,7 @@ class PreferenceDataset:
         scored as zero. ``max_length=None`` disables truncation.
         """
         if not (type(indices) is np.ndarray and indices.dtype == np.int64 and indices.ndim == 1):
-            indices = _indices(indices)  # the store counts negative indices from the end
+            indices = index_array(indices)  # the store counts negative indices from the end
         out = self._store.collate(
             indices,
             layout=layout,
@@ -542,11 +612,17 @@ class PreferenceDataset:
         return out
 
     def sampler(self, **kwargs: Any) -> PreferenceBatchSampler:
-        """A :class:`PreferenceBatchSampler` over this dataset (keywords as :meth:`batches`)."""
+        """A :class:`~rlox.loader.PreferenceBatchSampler` over this dataset (keywords as
+        :meth:`batches`)."""
+        from rlox.loader import PreferenceBatchSampler
+
         return PreferenceBatchSampler(self, **kwargs)
 
     def collator(self, **kwargs: Any) -> PreferenceCollator:
-        """A :class:`PreferenceCollator` over this dataset (keywords as :meth:`collate`)."""
+        """A :class:`~rlox.loader.PreferenceCollator` over this dataset (keywords as
+        :meth:`collate`)."""
+        from rlox.loader import PreferenceCollator
+
         return PreferenceCollator(self, **kwargs)
 
 
@@ -566,91 +642,9 @@ def _load_mapped(path: str) -> PreferenceDataset:
     return PreferenceDataset.load(path, mmap=True)
 
 
-def _from_arrays(*arrays: np.ndarray) -> PreferenceDataset:
-    return PreferenceDataset(_rlox.PairStore(*arrays))
+def _part_tokens(part_tokens: int | None) -> dict[str, int]:
+    return {} if part_tokens is None else {"part_tokens": part_tokens}
 
 
-def _distributed() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class PreferenceBatchSampler(torch.utils.data.Sampler):
-    """Batches of pair indices for a ``DataLoader`` (``batch_sampler=``), planned in Rust.
-
-    Keywords are those of :meth:`PreferenceDataset.batches`; ``rank``/``world_size`` default to
-    the initialised ``torch.distributed`` group. Call :meth:`set_epoch` before each epoch.
-    Pickles without the store's data when the dataset is memory-mapped.
-    """
-
-    def __init__(
-        self,
-        dataset: PreferenceDataset,
-        *,
-        rank: int | None = None,
-        world_size: int | None = None,
-        epoch: int = 0,
-        **kwargs: Any,
-    ) -> None:
-        if not isinstance(dataset, PreferenceDataset):
-            raise TypeError(f"dataset: expected a PreferenceDataset, got {type(dataset).__name__}")
-        if "epoch" in kwargs:
-            raise TypeError("epoch: pass it to set_epoch()")
-        default_rank, default_world = _distributed()
-        self.dataset = dataset
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
-        self.kwargs = kwargs
-        self.epoch = epoch
-        self._plan: BatchPlan | None = None
-        self._plan_epoch = -1
-        self._current()  # validate the options now
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = _int_option("epoch", epoch, allow_none=False)
-
-    def _current(self) -> BatchPlan:
-        if self._plan is None or self._plan_epoch != self.epoch:
-            self._plan = self.dataset.batches(
-                epoch=self.epoch, rank=self.rank, world_size=self.world_size, **self.kwargs
-            )
-            self._plan_epoch = self.epoch
-        return self._plan
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._current():
-            yield batch.tolist()
-
-    def __len__(self) -> int:
-        return len(self._current())
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_plan"], state["_plan_epoch"] = None, -1
-        return state
-
-
-class PreferenceCollator:
-    """``collate_fn`` for a ``DataLoader`` over a :class:`PreferenceDataset`.
-
-    Accepts what the loader fetched (the dataset's batched ``__getitems__`` result, a list of
-    indices, or a list of ``dataset[i]`` dicts) and returns a :class:`PairBatch` collated in
-    Rust with the keywords of :meth:`PreferenceDataset.collate`.
-    """
-
-    def __init__(self, dataset: PreferenceDataset, **kwargs: Any) -> None:
-        if not isinstance(dataset, PreferenceDataset):
-            raise TypeError(f"dataset: expected a PreferenceDataset, got {type(dataset).__name__}")
-        self.dataset = dataset
-        self.kwargs = kwargs
-
-    def __call__(self, items: Any) -> PairBatch:
-        if isinstance(items, PairIndices):
-            indices = items.indices
-        elif len(items) and isinstance(items[0], Mapping):
-            indices = np.array([int(x["index"]) for x in items], dtype=np.int64)
-        else:
-            indices = _indices(items, len(self.dataset))
-        return self.dataset.collate(indices, **self.kwargs)
+def _from_parts(parts: list[tuple[np.ndarray, ...]]) -> PreferenceDataset:
+    return PreferenceDataset(_rlox.PairStore.concat([_rlox.PairStore(*p) for p in parts]))

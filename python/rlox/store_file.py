@@ -1,14 +1,24 @@
 """The on-disk preference store: ``tokens.bin`` plus its ``rlox_store.json`` header.
 
-``tokens.bin`` holds the six arrays of a ``PairStore`` (int32 values, int64 offsets), each section
-64-byte aligned with a CRC-32; the header lists the sections and carries a CRC-32 of its own.
+Version 1, a single store: ``tokens.bin`` holds the six arrays of a ``PairStore`` (int32 values,
+int64 offsets), each section 64-byte aligned with a CRC-32; the header lists the sections and
+carries a CRC-32 of its own.
+
+Version 2, a store of parts: the header lists sub-directories (each a store of either version,
+offsets from 0 in each) and their pair counts; the parts read in order are one store. Streamed
+ingestion and sharded preparation write this form (:mod:`rlox.store_writer`). A directory of
+``shard-IIIII-of-NNNNN`` stores without a header opens as its shards in order once all are
+complete.
+
 :func:`write_store` and :func:`read_store` back ``PreferenceDataset.save`` and ``.load``.
 """
 
 from __future__ import annotations
 
 import json
+import mmap as mmap_module
 import os
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,12 +29,25 @@ import numpy as np
 from rlox import __version__, _rlox
 from rlox.columns import ARRAY_NAMES
 
-__all__ = ["DATA_FILE", "META_FILE", "STORE_FORMAT", "STORE_VERSION", "read_store", "write_store"]
+__all__ = [
+    "DATA_FILE",
+    "JOURNAL_FILE",
+    "META_FILE",
+    "PARTS_VERSION",
+    "STORE_FORMAT",
+    "STORE_VERSION",
+    "read_store",
+    "write_parts_header",
+    "write_store",
+]
 
 STORE_FORMAT = "rlox-preference-store"
 STORE_VERSION = 1
+PARTS_VERSION = 2
 META_FILE = "rlox_store.json"
 DATA_FILE = "tokens.bin"
+JOURNAL_FILE = "rlox_ingest.json"
+SHARD_PATTERN = re.compile(r"shard-(\d{5})-of-(\d{5})")
 
 
 def write_store(store: _rlox.PairStore, path: Path) -> None:
@@ -52,16 +75,63 @@ def write_store(store: _rlox.PairStore, path: Path) -> None:
             f.unlink(missing_ok=True)
 
 
+def write_parts_header(path: Path, parts: list[tuple[str, int]], **extra: Any) -> None:
+    """Write the version-2 header of directory ``path``: its ``(sub-directory, pairs)`` parts in
+    order (and ``extra`` keys), under a temporary name, then renamed into place."""
+    meta: dict[str, Any] = {
+        "format": STORE_FORMAT,
+        "version": PARTS_VERSION,
+        "rlox_version": __version__,
+        "num_pairs": sum(n for _, n in parts),
+        "parts": [{"path": name, "num_pairs": n} for name, n in parts],
+    } | extra
+    meta["header_crc32"] = _header_crc(meta)
+    tmp = path / f".{META_FILE}.{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path / META_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_store(
     path: Path, *, mmap: bool, verify: bool | None
-) -> tuple[_rlox.PairStore, np.ndarray]:
-    """The store in directory ``path`` and the ``(bytes,)`` uint8 buffer its arrays view.
+) -> tuple[_rlox.PairStore, list[np.ndarray]]:
+    """The store in directory ``path`` and the ``(bytes,)`` uint8 buffers its arrays view (one per
+    part).
 
-    With ``mmap`` the buffer is a read-only ``np.memmap``. ``verify`` checks every section's
-    CRC-32 (None: only when not ``mmap``). Raises ``ValueError`` naming ``path`` on any damage.
+    With ``mmap`` each buffer is a read-only ``np.memmap`` whose token sections are advised for
+    random access (no read-around beyond the pages a span covers). ``verify`` checks every
+    section's CRC-32 (None: only when not ``mmap``). Raises ``ValueError`` naming ``path`` on any
+    damage, and on an unfinished ingestion or an incomplete set of shards.
     """
+    meta = _read_header(path)
+    if meta is None:
+        shards = _complete_shards(path)
+        stores, raws = _read_parts(path, [(name, None) for name in shards], mmap, verify)
+        return _rlox.PairStore.concat(stores), raws
+    if meta.get("version") == PARTS_VERSION:
+        parts = [(p["path"], p["num_pairs"]) for p in meta["parts"]]
+        stores, raws = _read_parts(path, parts, mmap, verify)
+        store = _rlox.PairStore.concat(stores)
+        if len(store) != meta["num_pairs"]:
+            raise ValueError(f"path: {path / META_FILE} is corrupted (pair count mismatch)")
+        return store, raws
+    store, raw = _read_single(path, meta, mmap, verify)
+    return store, [raw]
+
+
+def _read_header(path: Path) -> dict[str, Any] | None:
+    """The checked header of ``path``, or None for a directory of shards without one."""
     meta_file = path / META_FILE
     if not meta_file.is_file():
+        if (path / JOURNAL_FILE).is_file():
+            raise ValueError(
+                f"path: {path} is an unfinished ingestion ({JOURNAL_FILE} present, no "
+                f"{META_FILE}); rerun it with resume=True to complete it"
+            )
+        if path.is_dir() and any(SHARD_PATTERN.fullmatch(p.name) for p in path.iterdir()):
+            return None
         raise ValueError(f"path: {path} is not an rlox store ({META_FILE} missing)")
     try:
         meta = json.loads(meta_file.read_text())
@@ -69,13 +139,52 @@ def read_store(
         raise ValueError(f"path: {meta_file} is corrupted ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise ValueError(f"path: {meta_file} is not an rlox store header")
-    if meta.get("version") != STORE_VERSION:
+    if meta.get("version") not in (STORE_VERSION, PARTS_VERSION):
         raise ValueError(
             f"path: store format version {meta.get('version')} is not supported "
-            f"(this rlox reads version {STORE_VERSION})"
+            f"(this rlox reads versions {STORE_VERSION} and {PARTS_VERSION})"
         )
     if meta.get("header_crc32") != _header_crc(meta):
         raise ValueError(f"path: {meta_file} is corrupted (header checksum mismatch)")
+    return meta
+
+
+def _complete_shards(path: Path) -> list[str]:
+    """The ``shard-IIIII-of-NNNNN`` sub-directories of ``path`` in order, all N complete."""
+    found = {m.group(0): m for p in path.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    counts = {int(m.group(2)) for m in found.values()}
+    if len(counts) != 1:
+        raise ValueError(f"path: {path} mixes shard counts {sorted(counts)}")
+    n = counts.pop()
+    names = [f"shard-{i:05d}-of-{n:05d}" for i in range(n)]
+    missing = [i for i, name in enumerate(names) if not (path / name / META_FILE).is_file()]
+    if missing:
+        raise ValueError(
+            f"path: {path} is a store of {n} shards; shard(s) {missing[:8]} are missing or unfinished"
+        )
+    return names
+
+
+def _read_parts(
+    path: Path, parts: list[tuple[str, int | None]], mmap: bool, verify: bool | None
+) -> tuple[list[_rlox.PairStore], list[np.ndarray]]:
+    stores, raws = [], []
+    for name, count in parts:
+        sub = (path / name).resolve()
+        if not sub.is_relative_to(path.resolve()) or sub == path.resolve():
+            raise ValueError(f"path: {path / META_FILE} lists part {name!r} outside the store")
+        store, part_raws = read_store(sub, mmap=mmap, verify=verify)
+        if count is not None and len(store) != count:
+            raise ValueError(f"path: part {name} of {path} holds {len(store)} pairs, not {count}")
+        stores.append(store)
+        raws.extend(part_raws)
+    return stores, raws
+
+
+def _read_single(
+    path: Path, meta: dict[str, Any], mmap: bool, verify: bool | None
+) -> tuple[_rlox.PairStore, np.ndarray]:
+    meta_file = path / META_FILE
     data_file = path / DATA_FILE
     if not data_file.is_file():
         raise ValueError(f"path: {data_file} is missing")
@@ -109,10 +218,26 @@ def read_store(
                     f"path: section {name} of {data_file} fails its checksum; corrupted"
                 )
         arrays.append(arr)
+    if mmap and size:
+        _advise_random(raw, [sections[f"{c}_values"] for c in ("prompt", "chosen", "rejected")])
     store = _rlox.PairStore(*arrays)
     if len(store) != meta["num_pairs"]:
         raise ValueError(f"path: {meta_file} is corrupted (pair count mismatch)")
     return store, raw
+
+
+def _advise_random(raw: np.ndarray, sections: list[dict[str, Any]]) -> None:
+    """Turn off the kernel's read-around for the token sections of a mapped file: a random span
+    then reads only its own pages. Offsets keep the default (the planner scans them)."""
+    mapping = getattr(raw, "_mmap", None)
+    if mapping is None or not hasattr(mmap_module, "MADV_RANDOM"):
+        return
+    page = mmap_module.PAGESIZE
+    for s in sections:
+        start = int(s["offset"]) // page * page
+        end = int(s["offset"]) + int(s["count"]) * 4
+        if end > start:
+            mapping.madvise(mmap_module.MADV_RANDOM, start, end - start)
 
 
 def _header_crc(meta: Mapping[str, Any]) -> int:

@@ -77,6 +77,17 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return self.num_pairs
 
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The six columns in :meth:`PreferenceDataset.from_arrays` order."""
+        return (
+            self.prompt_values,
+            self.prompt_offsets,
+            self.chosen_values,
+            self.chosen_offsets,
+            self.rejected_values,
+            self.rejected_offsets,
+        )
+
 
 @dataclass(frozen=True)
 class _Encoder:
@@ -318,19 +329,28 @@ def _read_columns(source: Any) -> _Columns:
 
 
 def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
+    return list(jsonl_records(path))
+
+
+def jsonl_records(path: Path, start: int = 0, stop: int | None = None) -> Iterator[Any]:
+    """The records of non-blank lines ``start .. stop - 1`` (counted among non-blank lines)."""
+    k = 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            if stop is not None and k >= stop:
+                return
+            k += 1
+            if k <= start:
+                continue
             try:
-                rows.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(
                     f"records_or_path: {path}, line {lineno}: malformed JSON ({e.msg}, column "
                     f"{e.colno})"
                 ) from None
-    return rows
 
 
 def _columns_from_table(table: pa.Table | pa.RecordBatch) -> _Columns:

@@ -9,7 +9,8 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::errors::{Result, RloxError};
-use super::store::{Ints, PairColumns};
+use super::parts::Parts;
+use super::store::Ints;
 
 /// Where one section sits in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,78 +47,109 @@ fn io_err(path: &Path, e: std::io::Error) -> RloxError {
 }
 
 /// Streams little-endian bytes to the file while tracking position and checksum.
-struct Out {
+struct Out<'p> {
     w: BufWriter<File>,
     pos: u64,
+    path: &'p Path,
+    buf: Vec<u8>,
+    hash: crc32fast::Hasher,
+    start: u64,
+    count: u64,
 }
 
-impl Out {
-    fn section<I: Iterator<Item = [u8; N]>, const N: usize>(
-        &mut self,
-        path: &Path,
-        items: I,
-    ) -> Result<(u64, u64, u32)> {
+impl Out<'_> {
+    /// Pad to the next aligned position and start a section there.
+    fn begin(&mut self) -> Result<()> {
         let pad = (ALIGN - self.pos % ALIGN) % ALIGN;
         self.w
             .write_all(&vec![0u8; pad as usize])
-            .map_err(|e| io_err(path, e))?;
+            .map_err(|e| io_err(self.path, e))?;
         self.pos += pad;
-        let start = self.pos;
-        let mut h = crc32fast::Hasher::new();
-        let mut buf = Vec::with_capacity(1 << 16);
-        let mut count = 0u64;
+        (self.start, self.count) = (self.pos, 0);
+        self.hash = crc32fast::Hasher::new();
+        Ok(())
+    }
+
+    fn push<I: Iterator<Item = [u8; N]>, const N: usize>(&mut self, items: I) -> Result<()> {
         for x in items {
-            buf.extend_from_slice(&x);
-            count += 1;
-            if buf.len() >= 1 << 16 {
-                h.update(&buf);
-                self.w.write_all(&buf).map_err(|e| io_err(path, e))?;
-                buf.clear();
+            self.buf.extend_from_slice(&x);
+            self.count += 1;
+            if self.buf.len() >= 1 << 16 {
+                self.drain()?;
             }
         }
-        h.update(&buf);
-        self.w.write_all(&buf).map_err(|e| io_err(path, e))?;
-        self.pos += count * N as u64;
-        Ok((start, count, h.finalize()))
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<()> {
+        self.hash.update(&self.buf);
+        self.w
+            .write_all(&self.buf)
+            .map_err(|e| io_err(self.path, e))?;
+        self.pos += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Finish the section: `(file offset, elements, CRC-32)`.
+    fn end(&mut self) -> Result<(u64, u64, u32)> {
+        self.drain()?;
+        let hash = std::mem::replace(&mut self.hash, crc32fast::Hasher::new());
+        Ok((self.start, self.count, hash.finalize()))
     }
 }
 
-/// Write the columns to `path` (checked first: offsets, ids >= 0 and < 2^31). The caller renames
-/// the finished file into place, so a crash never leaves a half-written store behind.
-pub fn save(path: &Path, cols: &PairColumns<'_>) -> Result<Vec<Section>> {
-    cols.validate(Some(i64::from(i32::MAX) + 1))?;
+/// Write the pairs of every part, in order, to `path` as one store (checked first: offsets, and
+/// ids in `[0, 2^31)`). The caller renames the finished file into place, so a crash never leaves a
+/// half-written store behind.
+pub fn save(path: &Path, parts: &Parts<'_>) -> Result<Vec<Section>> {
+    parts.validate(Some(i64::from(i32::MAX) + 1))?;
     let file = File::create(path).map_err(|e| io_err(path, e))?;
     let mut out = Out {
         w: BufWriter::with_capacity(1 << 20, file),
         pos: 0,
+        path,
+        buf: Vec::with_capacity(1 << 17),
+        hash: crc32fast::Hasher::new(),
+        start: 0,
+        count: 0,
     };
     let mut sections = Vec::with_capacity(6);
-    for col in cols.columns() {
-        let (first, last) = (
-            col.offsets.get(0) as usize,
-            col.offsets.get(col.len()) as usize,
-        );
-        let values = col.values.slice(first, last);
-        let (offset, count, crc) = match values {
-            Ints::I32(v) => out.section(path, v.iter().map(|x| x.to_le_bytes()))?,
-            Ints::I64(v) => out.section(path, v.iter().map(|&x| (x as i32).to_le_bytes()))?,
-        };
+    for (c, name) in ["prompt", "chosen", "rejected"].into_iter().enumerate() {
+        out.begin()?;
+        for p in parts.parts() {
+            let col = p.columns()[c];
+            let (first, last) = (col.offsets.get(0), col.offsets.get(col.len()));
+            match col.values.slice(first as usize, last as usize) {
+                Ints::I32(v) => out.push(v.iter().map(|x| x.to_le_bytes()))?,
+                Ints::I64(v) => out.push(v.iter().map(|&x| (x as i32).to_le_bytes()))?,
+            }
+        }
+        let (offset, count, crc32) = out.end()?;
         sections.push(Section {
-            name: format!("{}_values", col.name),
+            name: format!("{name}_values"),
             dtype: "<i4",
             offset,
             count,
-            crc32: crc,
+            crc32,
         });
-        let base = first as i64;
-        let offs = (0..=col.len()).map(|i| (col.offsets.get(i) - base).to_le_bytes());
-        let (offset, count, crc) = out.section(path, offs)?;
+        out.begin()?;
+        out.push(std::iter::once(0i64.to_le_bytes()))?;
+        let mut base = 0i64;
+        for p in parts.parts() {
+            let col = p.columns()[c];
+            let first = col.offsets.get(0);
+            let shift = base - first;
+            out.push((1..=col.len()).map(|i| (col.offsets.get(i) + shift).to_le_bytes()))?;
+            base += col.offsets.get(col.len()) - first;
+        }
+        let (offset, count, crc32) = out.end()?;
         sections.push(Section {
-            name: format!("{}_offsets", col.name),
+            name: format!("{name}_offsets"),
             dtype: "<i8",
             offset,
             count,
-            crc32: crc,
+            crc32,
         });
     }
     out.w.flush().map_err(|e| io_err(path, e))?;
@@ -128,7 +160,7 @@ pub fn save(path: &Path, cols: &PairColumns<'_>) -> Result<Vec<Section>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::store::Column;
+    use crate::core::store::{Column, PairColumns};
 
     #[test]
     fn parallel_crc_matches_sequential() {
@@ -145,18 +177,18 @@ mod tests {
         let c = |n| Column::new(n, Ints::I64(&v), Ints::I64(&o)).unwrap();
         let cols = PairColumns::new(c("prompt"), c("chosen"), c("rejected")).unwrap();
         let path = std::env::temp_dir().join(format!("rlox-disk-{}.bin", std::process::id()));
-        let s = save(&path, &cols).unwrap();
+        let s = save(&path, &Parts::new(vec![cols, cols])).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         assert_eq!(s.len(), 6);
         assert!(s.iter().all(|x| x.offset % ALIGN == 0));
-        assert_eq!((s[0].count, s[1].count), (4, 3));
+        assert_eq!((s[0].count, s[1].count), (8, 5));
         let at = s[1].offset as usize;
-        let off: Vec<i64> = (0..3)
+        let off: Vec<i64> = (0..5)
             .map(|k| i64::from_le_bytes(bytes[at + 8 * k..at + 8 * k + 8].try_into().unwrap()))
             .collect();
-        assert_eq!(off, vec![0, 2, 4]);
+        assert_eq!(off, vec![0, 2, 4, 6, 8]);
         assert_eq!(&bytes[0..4], &1i32.to_le_bytes());
-        assert_eq!(s[0].crc32, crc32(&bytes[0..16]));
+        assert_eq!(s[0].crc32, crc32(&bytes[0..32]));
     }
 }

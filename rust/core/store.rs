@@ -237,7 +237,11 @@ impl<'a> PairColumns<'a> {
 
     /// Pair `i` with its offsets checked, and with its ids checked against `ids` (`Some(vocab)`)
     /// or not (`None`: the store was validated before); also the largest id seen (-1 unchecked).
-    fn pair_max(&self, i: usize, ids: Option<Option<i64>>) -> Result<(PairRef<'a>, i64)> {
+    pub(crate) fn pair_max(
+        &self,
+        i: usize,
+        ids: Option<Option<i64>>,
+    ) -> Result<(PairRef<'a>, i64)> {
         let mut runs = [Ints::I32(&[]); 3];
         let mut max = -1;
         for (run, col) in runs.iter_mut().zip(self.columns()) {
@@ -321,62 +325,11 @@ impl<'a> PairColumns<'a> {
     }
 }
 
-/// Owned integers of either width (the result of [`take`]).
+/// Owned integers of either width (the result of `Parts::take`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum IntsBuf {
     I32(Vec<i32>),
     I64(Vec<i64>),
-}
-
-/// Rows `indices` of `col` as a new compact column: values (same width) and offsets from 0.
-pub fn take(col: &Column<'_>, indices: &[i64]) -> Result<(IntsBuf, Vec<i64>)> {
-    let n = col.len();
-    let spans: Vec<(usize, usize)> = indices
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| {
-            if i < 0 || i as u64 >= n as u64 {
-                return Err(RloxError::at(
-                    "indices",
-                    k,
-                    format!("pair index {i} is out of range for {n} pairs"),
-                ));
-            }
-            col.span(i as usize)
-        })
-        .collect::<Result<_>>()?;
-    let mut offsets = Vec::with_capacity(spans.len() + 1);
-    offsets.push(0i64);
-    let mut total = 0i64;
-    for (s, e) in &spans {
-        total += (e - s) as i64;
-        offsets.push(total);
-    }
-    fn gather<T: Copy + Default + Send + Sync>(
-        src: &[T],
-        spans: &[(usize, usize)],
-        offsets: &[i64],
-    ) -> Vec<T> {
-        let mut out = vec![T::default(); *offsets.last().unwrap_or(&0) as usize];
-        let lens: Vec<usize> = spans.iter().map(|(s, e)| e - s).collect();
-        let mut pieces = Vec::with_capacity(lens.len());
-        let mut rest = out.as_mut_slice();
-        for n in lens {
-            let (head, tail) = rest.split_at_mut(n);
-            pieces.push(head);
-            rest = tail;
-        }
-        pieces
-            .into_par_iter()
-            .zip(spans.par_iter())
-            .for_each(|(dst, &(s, e))| dst.copy_from_slice(&src[s..e]));
-        out
-    }
-    let values = match col.values {
-        Ints::I32(v) => IntsBuf::I32(gather(v, &spans, &offsets)),
-        Ints::I64(v) => IntsBuf::I64(gather(v, &spans, &offsets)),
-    };
-    Ok((values, offsets))
 }
 
 #[cfg(test)]
@@ -422,15 +375,5 @@ mod tests {
         assert_eq!((e.field.as_str(), e.index), ("chosen", Some(1)));
         let e = s.pairs(&[0, 2], Some(None)).unwrap_err();
         assert_eq!((e.field.as_str(), e.index), ("indices", Some(1)));
-    }
-
-    #[test]
-    fn take_gathers_rows() {
-        let v = [1, 2, 3, 4, 5];
-        let c = col("chosen", &v, &[0, 2, 3, 5]);
-        let (vals, offs) = take(&c, &[2, 0, 2]).unwrap();
-        assert_eq!(vals, IntsBuf::I32(vec![4, 5, 1, 2, 4, 5]));
-        assert_eq!(offs, vec![0, 2, 4, 6]);
-        assert_eq!(take(&c, &[3]).unwrap_err().field, "indices");
     }
 }

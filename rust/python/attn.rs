@@ -11,7 +11,7 @@ use crate::core::attn::{flex_blocks as core_blocks, token_spans};
 use crate::core::errors::RloxError;
 
 fn shape_err(e: impl ToString) -> PyErr {
-    pyo3::exceptions::PyRuntimeError::new_err(e.to_string())
+    to_py(RloxError::value("attn_segments", e.to_string()))
 }
 
 fn count(name: &str, v: i64) -> PyResult<usize> {

@@ -17,8 +17,10 @@ use super::errors::to_py;
 use crate::core::collate::{collate, CollateOptions, Layout, Truncation};
 use crate::core::disk;
 use crate::core::errors::RloxError;
+use crate::core::parts::Parts;
 use crate::core::plan::{layout_tokens, plan, Plan, PlanOptions};
-use crate::core::store::{take, Column, Ints, IntsBuf, PairColumns};
+use crate::core::prune::{deduplicate, filter, FilterOptions, REASONS};
+use crate::core::store::{Column, Ints, IntsBuf, PairColumns};
 
 const NAMES: [&str; 6] = [
     "prompt_values",
@@ -172,10 +174,12 @@ impl<'a, 'py> Options<'a, 'py> {
     }
 }
 
-/// Ragged (prompt, chosen, rejected) token columns: flat values plus `n + 1` offsets each.
+/// Ragged (prompt, chosen, rejected) token columns: flat values plus `n + 1` offsets each, in
+/// one or more parts read as one store.
 #[pyclass(module = "rlox._rlox", frozen)]
 pub struct PairStore {
-    held: Vec<Held>,
+    /// Six arrays per part, in constructor order.
+    parts: Vec<Vec<Held>>,
     len: usize,
     /// Largest token id once `validate` has passed (`UNCHECKED` before): collation then skips
     /// the per-token id checks that this bound already answers.
@@ -196,20 +200,38 @@ impl PairStore {
         }
     }
 
-    fn guards<'py>(&self, py: Python<'py>) -> Vec<Guard<'py>> {
-        self.held
+    fn guards<'py>(&self, py: Python<'py>) -> Vec<Vec<Guard<'py>>> {
+        let guard = |h: &Held| match h {
+            Held::I32(a) => Guard::I32(a.bind(py).readonly()),
+            Held::I64(a) => Guard::I64(a.bind(py).readonly()),
+        };
+        self.parts
             .iter()
+            .map(|p| p.iter().map(guard).collect())
+            .collect()
+    }
+
+    fn held_arrays<'py>(py: Python<'py>, part: &[Held]) -> Vec<Bound<'py, PyAny>> {
+        part.iter()
             .map(|h| match h {
-                Held::I32(a) => Guard::I32(a.bind(py).readonly()),
-                Held::I64(a) => Guard::I64(a.bind(py).readonly()),
+                Held::I32(a) => a.bind(py).clone().into_any(),
+                Held::I64(a) => a.bind(py).clone().into_any(),
             })
             .collect()
     }
 }
 
-fn columns<'a>(g: &'a [Guard<'_>]) -> Result<PairColumns<'a>, RloxError> {
+fn part_columns<'a>(g: &'a [Guard<'_>]) -> Result<PairColumns<'a>, RloxError> {
     let col = |k: usize| Column::new(COLUMNS[k], g[2 * k].ints(), g[2 * k + 1].ints());
     PairColumns::new(col(0)?, col(1)?, col(2)?)
+}
+
+fn columns<'a>(g: &'a [Vec<Guard<'_>>]) -> Result<Parts<'a>, RloxError> {
+    let parts = g
+        .iter()
+        .map(|p| part_columns(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Parts::new(parts))
 }
 
 fn index_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArray1<'py, i64>> {
@@ -246,7 +268,7 @@ impl PairStore {
             .map(|(o, n)| hold(n, o))
             .collect::<PyResult<Vec<_>>>()?;
         let store = Self {
-            held,
+            parts: vec![held],
             len: 0,
             max_id: AtomicI64::new(UNCHECKED),
         };
@@ -258,15 +280,67 @@ impl PairStore {
         self.len
     }
 
-    /// The six arrays in constructor order.
-    fn arrays<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyAny>> {
-        self.held
+    /// The stores' parts in order, read as one store (nothing is copied).
+    #[staticmethod]
+    fn concat(py: Python<'_>, stores: Vec<PyRef<'_, PairStore>>) -> Self {
+        let parts = stores
             .iter()
-            .map(|h| match h {
-                Held::I32(a) => a.bind(py).clone().into_any(),
-                Held::I64(a) => a.bind(py).clone().into_any(),
+            .flat_map(|s| s.parts.iter())
+            .map(|p| {
+                p.iter()
+                    .map(|h| match h {
+                        Held::I32(a) => Held::I32(a.clone_ref(py)),
+                        Held::I64(a) => Held::I64(a.clone_ref(py)),
+                    })
+                    .collect()
             })
+            .collect();
+        let maxes = stores.iter().map(|s| s.max_id.load(Ordering::Relaxed));
+        let max_id = if stores
+            .iter()
+            .any(|s| s.max_id.load(Ordering::Relaxed) == UNCHECKED)
+        {
+            UNCHECKED
+        } else {
+            maxes.max().unwrap_or(-1)
+        };
+        Self {
+            parts,
+            len: stores.iter().map(|s| s.len).sum(),
+            max_id: AtomicI64::new(max_id),
+        }
+    }
+
+    /// The six arrays in constructor order (a store of one part).
+    fn arrays<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        match self.parts.as_slice() {
+            [one] => Ok(Self::held_arrays(py, one)),
+            many => Err(to_py(RloxError::value(
+                "arrays",
+                format!(
+                    "a store of {} parts has no single set of arrays",
+                    many.len()
+                ),
+            ))),
+        }
+    }
+
+    /// Each part's six arrays, in order.
+    fn parts<'py>(&self, py: Python<'py>) -> Vec<Vec<Bound<'py, PyAny>>> {
+        self.parts
+            .iter()
+            .map(|p| Self::held_arrays(py, p))
             .collect()
+    }
+
+    /// `(parts + 1,)` int64: the global index of each part's first pair, then the total.
+    fn starts<'py>(&self, py: Python<'py>) -> PyResult<Array<'py>> {
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        Ok(vec_i64(
+            py,
+            cols.starts().iter().map(|&s| s as i64).collect(),
+        ))
     }
 
     /// Check every pair: offsets, non-empty prompt and completions, ids in `[0, vocab_size)`.
@@ -300,9 +374,8 @@ impl PairStore {
         let cols = columns(&g).map_err(to_py)?;
         let taken = py
             .detach(|| {
-                cols.columns()
-                    .iter()
-                    .map(|c| take(c, idx))
+                (0..3)
+                    .map(|c| cols.take(c, idx))
                     .collect::<Result<Vec<_>, _>>()
             })
             .map_err(to_py)?;
@@ -423,6 +496,71 @@ impl PairStore {
             layout_tokens([&lens[0], &lens[1], &lens[2]], &p, &o)
         })
         .map_err(to_py)
+    }
+
+    /// The pairs passing the length bounds (inclusive, in tokens; `max_length` bounds prompt +
+    /// the longer completion) and, with `drop_identical`, having chosen != rejected:
+    /// `(kept indices ascending, {reason: pairs dropped})`.
+    #[pyo3(signature = (*, min_prompt_length=None, max_prompt_length=None,
+        min_completion_length=None, max_completion_length=None, max_length=None,
+        drop_identical=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn filter<'py>(
+        &self,
+        py: Python<'py>,
+        min_prompt_length: Option<&Bound<'py, PyAny>>,
+        max_prompt_length: Option<&Bound<'py, PyAny>>,
+        min_completion_length: Option<&Bound<'py, PyAny>>,
+        max_completion_length: Option<&Bound<'py, PyAny>>,
+        max_length: Option<&Bound<'py, PyAny>>,
+        drop_identical: bool,
+    ) -> PyResult<(Array<'py>, Bound<'py, PyDict>)> {
+        let o = FilterOptions {
+            min_prompt_length: count_arg("min_prompt_length", min_prompt_length)?,
+            max_prompt_length: count_arg("max_prompt_length", max_prompt_length)?,
+            min_completion_length: count_arg("min_completion_length", min_completion_length)?,
+            max_completion_length: count_arg("max_completion_length", max_completion_length)?,
+            max_length: count_arg("max_length", max_length)?,
+            drop_identical,
+        };
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let (kept, dropped) = py.detach(|| filter(&cols, &o)).map_err(to_py)?;
+        let counts = PyDict::new(py);
+        for (reason, n) in REASONS.iter().zip(dropped) {
+            counts.set_item(reason, n)?;
+        }
+        Ok((vec_i64(py, kept), counts))
+    }
+
+    /// Indices (ascending) of the first occurrence of each distinct (prompt, chosen, rejected).
+    fn deduplicate<'py>(&self, py: Python<'py>) -> PyResult<Array<'py>> {
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let kept = py.detach(|| deduplicate(&cols)).map_err(to_py)?;
+        Ok(vec_i64(py, kept))
+    }
+
+    /// Per column: the CRC-32 of its `(n,)` int64 lengths, then of its ids as int64 in runs of
+    /// `chunk` (the digest behind `PreferenceDataset.fingerprint`).
+    #[pyo3(signature = (chunk = 1 << 22))]
+    fn checksums(&self, py: Python<'_>, chunk: usize) -> PyResult<Vec<Vec<u32>>> {
+        if chunk == 0 {
+            return Err(to_py(RloxError::value("chunk", "must be >= 1")));
+        }
+        let g = self.guards(py);
+        let cols = columns(&g).map_err(to_py)?;
+        let as_bytes = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        Ok(py.detach(|| {
+            let lengths = cols.lengths();
+            (0..3)
+                .map(|c| {
+                    let mut crcs = vec![disk::crc32(&as_bytes(&lengths[c]))];
+                    cols.for_each_chunk(c, chunk, |run| crcs.push(disk::crc32(&as_bytes(run))));
+                    crcs
+                })
+                .collect()
+        }))
     }
 
     /// Write the token file (see `rlox.data`) to `path`; returns its sections as dicts.

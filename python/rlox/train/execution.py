@@ -69,10 +69,10 @@ def policy_forward(offload: bool) -> contextlib.AbstractContextManager[Any]:
 
 def _compile_target(model: nn.Module) -> nn.Module:
     """The module whose call rlox makes: the decoder where the LM head splits off."""
-    from rlox.train.logps import _split_head
+    from rlox.train.logps import split_head
 
     inner = _inner(model)
-    split = _split_head(inner)
+    split = split_head(inner)
     return inner if split is None else split[0]
 
 

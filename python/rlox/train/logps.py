@@ -30,6 +30,7 @@ __all__ = [
     "model_vocab_size",
     "sequence_logps",
     "sequence_stats",
+    "split_head",
     "stand_in_batch",
 ]
 
@@ -104,7 +105,7 @@ def is_peft(model: nn.Module) -> bool:
     )
 
 
-def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(decoder, lm_head) of a Hugging Face causal LM whose logits are lm_head(last hidden)."""
     if is_fsdp_root(model):
         # Calling the parts directly would skip the root's hook that gathers its own shards
@@ -116,7 +117,7 @@ def _split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
         configs = getattr(model, "peft_config", {}) or {}
         if any(getattr(c, "is_prompt_learning", False) for c in configs.values()):
             return None
-        return _split_head(model.get_base_model())
+        return split_head(model.get_base_model())
     base = getattr(model, "base_model", None)
     get_head = getattr(model, "get_output_embeddings", None)
     config = getattr(model, "config", None)
@@ -210,7 +211,7 @@ def _plan_outputs(
         # compute an aux loss (wasted work, and an error under a 4-D attention mask).
         kwargs["output_router_logits"] = router_aux
     # The head split needs the router loss computable from the decoder's router logits.
-    split = _split_head(model) if not router_aux or moe.can_compute_loss(model) else None
+    split = split_head(model) if not router_aux or moe.can_compute_loss(model) else None
     if split is None:
         logits, aux = _full_forward(model, batch, kwargs, router_aux)
         return logits, None, aux
