@@ -24,7 +24,6 @@ from typing import Any
 
 from rlox.cli_config import (
     LORA_FLAGS,
-    TEXT_SUFFIXES,
     TrainConfig,
     UsageError,
     check_data,
@@ -162,12 +161,12 @@ def _first_line(error: BaseException) -> str:
 # ---------------------------------------------------------------------------- sub-commands
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rlox.data import PreferenceDataset
+    from rlox.ingest import expand_inputs
 
-    data = Path(args.data).expanduser()
-    if not data.is_file():
-        raise UsageError(f"--data: {data} not found")
-    if data.suffix.lower() not in TEXT_SUFFIXES:
-        raise UsageError(f"--data: {data} must be a {' or '.join(TEXT_SUFFIXES)} file")
+    try:
+        inputs = expand_inputs(args.data)
+    except ValueError as e:
+        raise UsageError(f"--data: {str(e).split(': ', 1)[-1]}") from None
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: {out} exists and is not a directory")
@@ -177,15 +176,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
     start = time.perf_counter()
     ds = PreferenceDataset.from_text(
-        data,
+        inputs,
         tokenizer,
+        out=out,
+        shard=args.shard,
+        resume=args.resume,
+        part_tokens=args.part_tokens,
         add_eos=not args.no_eos,
         batch_size=args.tokenize_batch_size,
         show_progress=not args.no_progress,
     )
-    if len(ds) == 0:
-        raise ValueError(f"--data: {data} holds no preference pairs")
-    ds.save(out)
+    if len(ds) == 0 and args.shard is None:
+        raise ValueError(f"--data: {args.data} holds no preference pairs")
     seconds = time.perf_counter() - start
     summary = dataset_summary(
         ds,
@@ -193,7 +195,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
     )
-    summary |= {"source": str(data), "store": str(out), "seconds": round(seconds, 3)}
+    summary |= {"source": str(args.data), "store": str(ds.directory), "seconds": round(seconds, 3)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

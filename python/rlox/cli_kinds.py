@@ -28,6 +28,7 @@ __all__ = [
     "path_kind",
     "report_to_kind",
     "resume_kind",
+    "shard_kind",
     "split_list",
 ]
 
@@ -246,3 +247,22 @@ def report_to_kind() -> Kind:
 
 def resume_kind() -> Kind:
     return Kind("'latest' or a checkpoint directory", path_kind().parse, True, "latest|DIR")
+
+
+def shard_kind() -> Kind:
+    """``I/N``: the I-th (from 0) of N slices, as ``(I, N)``."""
+    expected = "I/N with 0 <= I < N"
+
+    def parse(value: Any) -> tuple[int, int]:
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            index, count = value
+        else:
+            try:
+                index, count = (int(x) for x in str(value).split("/"))
+            except ValueError:
+                raise _bad(expected, value) from None
+        if isinstance(index, bool) or not (0 <= int(index) < int(count)):
+            raise _bad(expected, value)
+        return int(index), int(count)
+
+    return Kind(expected, parse, True, "I/N")

@@ -32,7 +32,9 @@ from rlox.cli_kinds import (
     float_kind,
     int_kind,
     loss_type_kind,
+    shard_kind,
 )
+from rlox.store_writer import DEFAULT_PART_TOKENS
 
 __all__ = ["PROG", "EvalOptions", "PrepareOptions", "build_parser", "unrecognized"]
 
@@ -117,7 +119,12 @@ _OPTIONAL_INT = int_kind(optional=True)
 class PrepareOptions:
     """The flags of ``rlox prepare``."""
 
-    data: str = option(None, "input .jsonl or .parquet file", metavar="FILE", required=True)
+    data: str = option(
+        None,
+        "input .jsonl or .parquet file, or a quoted glob of them (read in sorted order)",
+        metavar="FILE_OR_GLOB",
+        required=True,
+    )
     tokenizer: str = option(
         None,
         "a tokenizer directory (transformers, e.g. the model directory) or a tokenizer.json",
@@ -125,6 +132,18 @@ class PrepareOptions:
         required=True,
     )
     out: str = option(None, "directory of the store to write", metavar="STORE", required=True)
+    shard: tuple[int, int] | None = option(
+        None,
+        "tokenize only slice I of N of the records into STORE/shard-IIIII-of-NNNNN; STORE opens "
+        "as the whole store once all N are written (default: all records)",
+        kind=shard_kind(),
+    )
+    resume: bool = switch("continue an interrupted prepare of STORE from its last written part")
+    part_tokens: int = option(
+        DEFAULT_PART_TOKENS,
+        f"token ids held in memory before a part is written (default: {DEFAULT_PART_TOKENS})",
+        kind=_INT,
+    )
     max_length: int | None = option(
         1024,
         "sequence limit used for the truncation counts ('none': no limit; default: 1024)",
@@ -359,8 +378,9 @@ def _add_prepare(sub: Any) -> None:
         sub,
         "prepare",
         "tokenize preference pairs into a store",
-        "Tokenize prompt/chosen/rejected records (.jsonl or .parquet, standard or "
-        "conversational format) into a memory-mappable preference store, then print a summary: "
+        "Tokenize prompt/chosen/rejected records (.jsonl or .parquet files, standard or "
+        "conversational format) into a memory-mappable preference store, streamed to disk part "
+        "by part in bounded memory (--shard I/N for one slice of many), then print a summary: "
         "pairs, tokens, lengths, how many pairs --max-length truncates and the padding fraction "
         "of each batch layout at --batch-size.",
     )

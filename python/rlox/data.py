@@ -188,7 +188,7 @@ class PreferenceDataset:
         written (by any processes or machines), ``out`` loads as the whole store, the same pairs
         as one process would build.
         """
-        from rlox.ingest import expand_inputs, ingest_text, record_batches
+        from rlox.ingest import expand_inputs, ingest_text, record_batches, tokenize_batches
 
         if out is not None or shard is not None:
             if out is None:
@@ -209,11 +209,9 @@ class PreferenceDataset:
             from rlox.text import tokenize_preferences
 
             return cls.from_arrays(*tokenize_preferences(inputs[0], tokenizer, **kwargs).arrays())
-        from rlox.text import tokenize_preferences
-
+        chunks = record_batches(inputs, batch=1 << 20)
         stores = [
-            _rlox.PairStore(*tokenize_preferences(chunk, tokenizer, **kwargs).arrays())
-            for chunk in record_batches(inputs, batch=1 << 20)
+            _rlox.PairStore(*t.arrays()) for t in tokenize_batches(chunks, tokenizer, **kwargs)
         ]
         store = _rlox.PairStore.concat(stores)
         store.validate(None)

@@ -29,7 +29,14 @@ from rlox.columns import arrow_columns
 from rlox.store_writer import DEFAULT_PART_TOKENS, StoreWriter, finish_shards, shard_name
 from rlox.text import jsonl_records, tokenize_preferences
 
-__all__ = ["count_records", "expand_inputs", "ingest_arrow", "ingest_text", "record_batches"]
+__all__ = [
+    "count_records",
+    "expand_inputs",
+    "ingest_arrow",
+    "ingest_text",
+    "record_batches",
+    "tokenize_batches",
+]
 
 _SUFFIXES = (".jsonl", ".parquet")
 
@@ -159,6 +166,25 @@ def _target(out: str | os.PathLike[str], shard: tuple[int, int] | None) -> Path:
     return out if shard is None else out / shard_name(*shard)
 
 
+def tokenize_batches(chunks: Iterable[Any], tokenizer: Any, **kwargs: Any) -> Iterator[Any]:
+    """:func:`~rlox.text.tokenize_preferences` of each batch of records; one warning at the end
+    counts the prompts that were not a token prefix in all batches."""
+    non_prefix = 0
+    for chunk in chunks:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = tokenize_preferences(chunk, tokenizer, **kwargs)
+        non_prefix += t.non_prefix_prompts
+        yield t
+    if non_prefix:
+        warnings.warn(
+            f"{non_prefix} prompts are not a token prefix of prompt + completion (the tokenizer "
+            "merges across the boundary); their completions were tokenized on their own",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def ingest_text(
     source: Any,
     tokenizer: Any,
@@ -183,25 +209,13 @@ def ingest_text(
     lo, hi = _shard_range(total, shard)
     writer = StoreWriter(_target(out, shard), part_tokens=part_tokens, resume=resume)
     if not writer.complete:
-        non_prefix = 0
+        chunks = record_batches(inputs, lo + writer.records, hi, records_per_batch)
         with tqdm(
             total=hi - lo, initial=writer.records, unit="pair", disable=not show_progress
         ) as bar:
-            for chunk in record_batches(inputs, lo + writer.records, hi, records_per_batch):
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    t = tokenize_preferences(chunk, tokenizer, **tokenize_kwargs)
-                non_prefix += t.non_prefix_prompts
+            for t in tokenize_batches(chunks, tokenizer, **tokenize_kwargs):
                 writer.append(*t.arrays(), records=t.num_pairs)
                 bar.update(t.num_pairs)
-        if non_prefix:
-            warnings.warn(
-                f"{non_prefix} prompts are not a token prefix of prompt + completion (the "
-                "tokenizer merges across the boundary); their completions were tokenized on "
-                "their own",
-                UserWarning,
-                stacklevel=2,
-            )
     path = writer.close()
     if shard is not None:
         finish_shards(out)
