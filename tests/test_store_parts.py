@@ -31,9 +31,7 @@ SETTINGS = settings(
 
 def random_lists(n: int, seed: int, vocab: int = 50) -> list[list[list[int]]]:
     rng = np.random.default_rng(seed)
-    return [
-        [rng.integers(0, vocab, rng.integers(1, 9)).tolist() for _ in range(n)] for _ in FIELDS
-    ]
+    return [[rng.integers(0, vocab, rng.integers(1, 9)).tolist() for _ in range(n)] for _ in FIELDS]
 
 
 def pairs_of(ds: PreferenceDataset) -> list[tuple[tuple[int, ...], ...]]:
@@ -114,7 +112,11 @@ def text_records(n: int, seed: int = 0) -> list[dict]:
         return " ".join(rng.choice(WORDS, k))
 
     return [
-        {"prompt": text(rng.integers(1, 9)), "chosen": text(rng.integers(1, 6)), "rejected": text(6)}
+        {
+            "prompt": text(rng.integers(1, 9)),
+            "chosen": text(rng.integers(1, 6)),
+            "rejected": text(6),
+        }
         for _ in range(n)
     ]
 
@@ -232,10 +234,9 @@ def test_parts_errors_name_global_pairs_and_refuse_single_arrays() -> None:
 
 _KILLED = textwrap.dedent(
     """
-    import sys, numpy as np
+    import sys, time, numpy as np
     from rlox.store_writer import StoreWriter
-    out, resume = sys.argv[1], sys.argv[2] == "1"
-    rng = np.random.default_rng(0)
+    out, resume, pace = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
     w = StoreWriter(out, part_tokens=3000, resume=resume)
     for k in range(w.records // 100, 200):
         lens = np.random.default_rng(k).integers(1, 20, (3, 100))
@@ -244,13 +245,14 @@ _KILLED = textwrap.dedent(
             offsets = np.concatenate([[0], np.cumsum(lens[c])])
             arrays += [np.arange(offsets[-1], dtype=np.int32) % 97, offsets]
         w.append(*arrays, records=100)
+        time.sleep(pace)
     w.close()
     """
 )
 
 
 def reference_store(tmp: Path) -> PreferenceDataset:
-    subprocess.run([sys.executable, "-c", _KILLED, str(tmp), "0"], check=True)
+    subprocess.run([sys.executable, "-c", _KILLED, str(tmp), "0", "0"], check=True)
     return PreferenceDataset.load(tmp)
 
 
@@ -260,12 +262,13 @@ def test_killed_ingestion_never_loads_wrong_and_resumes(tmp_path) -> None:
     interrupted = 0
     for trial in range(4):
         out = tmp_path / f"run{trial}"
-        proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(out), "0"])
+        # Paced to take at least 0.8 s, so a kill within 0.5 s always interrupts it.
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(out), "0", "0.004"])
         deadline = time.monotonic() + 60
         while not (out / JOURNAL_FILE).exists() and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        time.sleep(float(rng.uniform(0, 0.3)))
+        time.sleep(float(rng.uniform(0, 0.5)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         try:
@@ -275,6 +278,6 @@ def test_killed_ingestion_never_loads_wrong_and_resumes(tmp_path) -> None:
             interrupted += 1
         else:
             assert_same(got, expected)  # it finished before the kill
-        subprocess.run([sys.executable, "-c", _KILLED, str(out), "1"], check=True)
+        subprocess.run([sys.executable, "-c", _KILLED, str(out), "1", "0"], check=True)
         assert_same(PreferenceDataset.load(out), expected)
-    assert interrupted >= 2
+    assert interrupted == 4

@@ -107,6 +107,11 @@ class PairStore:
         """The stores' parts in order, read as one store (nothing copied)."""
     def arrays(self) -> list[npt.NDArray[np.integer]]:
         """The six arrays in constructor order (a store of one part; else ValueError)."""
+    @property
+    def prefetch(self) -> bool:
+        """Whether collation first hints the kernel to read the batch's pages (mapped stores)."""
+    @prefetch.setter
+    def prefetch(self, on: bool) -> None: ...
     def parts(self) -> list[list[npt.NDArray[np.integer]]]:
         """Each part's six arrays, in order."""
     def starts(self) -> npt.NDArray[np.int64]:

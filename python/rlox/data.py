@@ -29,6 +29,9 @@ from rlox.store_file import STORE_FORMAT as STORE_FORMAT
 from rlox.store_file import STORE_VERSION as STORE_VERSION
 from rlox.store_file import read_store, write_store
 
+AUTO_RESIDENT = 256 << 20
+"""The default bound (bytes) on a mapped store's file-backed resident growth."""
+
 if TYPE_CHECKING:
     from rlox.loader import PreferenceBatchSampler, PreferenceCollator
 
@@ -250,7 +253,7 @@ class PreferenceDataset:
         *,
         mmap: bool = True,
         verify: bool | None = None,
-        max_resident: int | None = None,
+        max_resident: int | str | None = "auto",
     ) -> PreferenceDataset:
         """Open a store written by :meth:`save`.
 
@@ -262,14 +265,22 @@ class PreferenceDataset:
         them under pressure. With ``max_resident`` (bytes; Linux), :meth:`collate` drops them
         whenever the process's file-backed resident memory has grown by more than that since
         loading. This caps resident memory at the price of re-mapping pages (a store much larger
-        than the budget collates up to about 2x slower).
+        than the budget collates up to about 2x slower). ``"auto"`` (default) is 256 MiB;
+        ``None`` leaves resident pages to the OS.
+
+        A mapped store reads its token sections without the kernel's read-around (a random span
+        reads only its own pages), and each :meth:`collate` first asks the kernel for all pages
+        of the batch at once (``MADV_WILLNEED``).
         """
+        if max_resident == "auto":
+            max_resident = AUTO_RESIDENT
         path = Path(path)
         store, raws = read_store(path, mmap=mmap, verify=verify)
         dataset = cls(store, path=path.resolve() if mmap else None)
         dataset._directory = path.resolve()
         if mmap:
             dataset._mapping = [m for r in raws if (m := getattr(r, "_mmap", None)) is not None]
+            store.prefetch = True
             dataset._max_resident = max_resident
             if max_resident is not None:
                 dataset.release_pages()  # pages read by verify do not count against the budget

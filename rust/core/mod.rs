@@ -8,6 +8,7 @@ pub mod fastmath;
 pub mod loss;
 pub mod parts;
 pub mod plan;
+pub mod prefetch;
 pub mod prune;
 pub mod store;
 pub mod terms;

@@ -4,7 +4,7 @@
 //! int32/int64 and contiguous) and borrows them as slices for each call, with the GIL released.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods,
@@ -19,6 +19,7 @@ use crate::core::disk;
 use crate::core::errors::RloxError;
 use crate::core::parts::Parts;
 use crate::core::plan::{layout_tokens, plan, Plan, PlanOptions};
+use crate::core::prefetch::will_need;
 use crate::core::prune::{deduplicate, filter, FilterOptions, REASONS};
 use crate::core::store::{Column, Ints, IntsBuf, PairColumns};
 
@@ -184,6 +185,8 @@ pub struct PairStore {
     /// Largest token id once `validate` has passed (`UNCHECKED` before): collation then skips
     /// the per-token id checks that this bound already answers.
     max_id: AtomicI64,
+    /// Whether collation first hints the kernel to read the batch's pages (memory-mapped parts).
+    prefetch: AtomicBool,
 }
 
 const UNCHECKED: i64 = i64::MIN;
@@ -271,6 +274,7 @@ impl PairStore {
             parts: vec![held],
             len: 0,
             max_id: AtomicI64::new(UNCHECKED),
+            prefetch: AtomicBool::new(false),
         };
         let len = columns(&store.guards(py)).map_err(to_py)?.len();
         Ok(Self { len, ..store })
@@ -308,7 +312,20 @@ impl PairStore {
             parts,
             len: stores.iter().map(|s| s.len).sum(),
             max_id: AtomicI64::new(max_id),
+            prefetch: AtomicBool::new(stores.iter().any(|s| s.prefetch.load(Ordering::Relaxed))),
         }
+    }
+
+    /// Hint the kernel to read each batch's token pages before collating it (for stores whose
+    /// arrays are memory-mapped; a hint only, results are the same).
+    #[setter]
+    fn set_prefetch(&self, on: bool) {
+        self.prefetch.store(on, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn get_prefetch(&self) -> bool {
+        self.prefetch.load(Ordering::Relaxed)
     }
 
     /// The six arrays in constructor order (a store of one part).
@@ -410,6 +427,9 @@ impl PairStore {
         let batch = py
             .detach(|| {
                 let pairs = cols.pairs(idx, self.id_checks(vocab))?;
+                if self.prefetch.load(Ordering::Relaxed) {
+                    will_need(&pairs);
+                }
                 collate(&pairs, &o)
             })
             .map_err(to_py)?;
