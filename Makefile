@@ -7,7 +7,7 @@ DEPS_STAMP := $(VENV)/.rlox-deps
 BUILD_STAMP := $(VENV)/.rlox-build
 RUST_SRC := $(shell find rust -name '*.rs') Cargo.toml
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench bench-scale lint format clean
 
 install: $(BUILD_STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 	$(PY) benches/bench_digest.py
 	$(PY) benches/bench_blockmask.py
 	$(PY) benches/bench_train.py --steps 6 --warmup 1 --repeats 1
+	$(PY) benches/bench_scale.py --pairs 2000000 --text-pairs 100000 --batches 200
+
+# The full scale run: a 10M-pair (~20 GB) store streamed to disk, then removed.
+bench-scale: install
+	$(PY) benches/bench_scale.py
 
 lint: install
 	cargo fmt --check

@@ -109,9 +109,16 @@ class PairStore:
         """The six arrays in constructor order (a store of one part; else ValueError)."""
     @property
     def prefetch(self) -> bool:
-        """Whether collation first hints the kernel to read the batch's pages (mapped stores)."""
+        """Whether scans of all lengths first ask the kernel for every offsets page (mapped
+        stores)."""
     @prefetch.setter
     def prefetch(self, on: bool) -> None: ...
+    def read_direct(self, files: list[tuple[str, int, int]] | None) -> None:
+        """Collate through positioned O_DIRECT reads of these files (``(path, mapped address,
+        mapped length)`` per mapped part) instead of the map; None switches back."""
+    @property
+    def direct(self) -> bool:
+        """Whether collation reads token runs with direct reads."""
     def parts(self) -> list[list[npt.NDArray[np.integer]]]:
         """Each part's six arrays, in order."""
     def starts(self) -> npt.NDArray[np.int64]:

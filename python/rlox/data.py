@@ -10,6 +10,7 @@ length-grouped, deterministic, rank-sharded batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,6 +31,7 @@ from rlox.store_file import STORE_VERSION as STORE_VERSION
 from rlox.store_file import read_store, write_store
 
 AUTO_RESIDENT = 256 << 20
+ACCESS = ("auto", "mmap", "direct")
 """The default bound (bytes) on a mapped store's file-backed resident growth."""
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class PreferenceDataset:
         self._path = path
         self._mapping: Any = None
         self._max_resident: int | None = None
+        self._direct_files: list[tuple[str, int, int]] = []
         self._base_resident = 0
         self._calls = 0
         self._parts = [dict(zip(ARRAY_NAMES, a, strict=True)) for a in store.parts()]
@@ -232,6 +235,9 @@ class PreferenceDataset:
                 )
         out = cls(_rlox.PairStore.concat([d._store for d in datasets]))
         out._mapping = [m for d in datasets for m in d._mapping or ()]
+        if any(d._direct_files for d in datasets):
+            out._direct_files = [f for d in datasets for f in d._direct_files]
+            out._store.read_direct(out._direct_files)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -242,7 +248,8 @@ class PreferenceDataset:
         temporary names and renamed, so an interrupted save never leaves a readable broken store.
         """
         path = Path(path)
-        write_store(self._store, path)
+        with self._scan():
+            write_store(self._store, path)
         self._directory = path.resolve()
         return path
 
@@ -254,6 +261,7 @@ class PreferenceDataset:
         mmap: bool = True,
         verify: bool | None = None,
         max_resident: int | str | None = "auto",
+        access: str = "auto",
     ) -> PreferenceDataset:
         """Open a store written by :meth:`save`.
 
@@ -261,31 +269,80 @@ class PreferenceDataset:
         ``verify`` checks every section's CRC-32 (default: only when ``mmap=False``). A missing,
         truncated or corrupted store raises ``ValueError`` naming ``path``.
 
+        A store is *large* when its token files exceed half the memory available at load
+        (``MemAvailable``): it cannot be expected to stay in the page cache next to training.
+
+        How :meth:`collate` reads the tokens of a mapped store (``access``):
+
+        - ``"mmap"``: through the map, without the kernel's read-around (a random span reads only
+          its own 4 KiB pages). Fastest once the store is in the page cache.
+        - ``"direct"``: positioned ``O_DIRECT`` reads of each batch's token runs, in parallel, at
+          sector (512 B) granularity, bypassing the page cache: shuffled reads fetch little more
+          than the tokens they serve, and no token page is kept resident.
+        - ``"auto"`` (default): ``"direct"`` for a large store on a file system that allows direct
+          I/O, else ``"mmap"``.
+
         Mapped pages are clean page cache: they count as resident once read, and the OS reclaims
         them under pressure. With ``max_resident`` (bytes; Linux), :meth:`collate` drops them
         whenever the process's file-backed resident memory has grown by more than that since
-        loading. This caps resident memory at the price of re-mapping pages (a store much larger
-        than the budget collates up to about 2x slower). ``"auto"`` (default) is 256 MiB;
-        ``None`` leaves resident pages to the OS.
-
-        A mapped store reads its token sections without the kernel's read-around (a random span
-        reads only its own pages), and each :meth:`collate` first asks the kernel for all pages
-        of the batch at once (``MADV_WILLNEED``).
+        loading (each drop costs refaults: an epoch of a store far above the budget through the
+        map collates up to 4x slower). ``"auto"`` (default): 256 MiB for a large store, else no
+        bound (the store fits). ``None``: no bound.
         """
-        if max_resident == "auto":
-            max_resident = AUTO_RESIDENT
+        if access not in ACCESS:
+            raise ValueError(f"access: expected one of {ACCESS}, got {access!r}")
+        if access == "direct" and not mmap:
+            raise ValueError("access: 'direct' reads a memory-mapped store; use mmap=True")
         path = Path(path)
         store, raws = read_store(path, mmap=mmap, verify=verify)
         dataset = cls(store, path=path.resolve() if mmap else None)
         dataset._directory = path.resolve()
         if mmap:
-            dataset._mapping = [m for r in raws if (m := getattr(r, "_mmap", None)) is not None]
+            maps = [r for r in raws if isinstance(r, np.memmap)]
+            large = _is_large(maps)
+            dataset._mapping = [m for r in maps if (m := getattr(r, "_mmap", None)) is not None]
             store.prefetch = True
+            if access == "direct" or (access == "auto" and large):
+                dataset._use_direct(maps, required=access == "direct")
+            if max_resident == "auto":
+                max_resident = AUTO_RESIDENT if large else None
             dataset._max_resident = max_resident
             if max_resident is not None:
                 dataset.release_pages()  # pages read by verify do not count against the budget
             dataset._base_resident = _resident_file_bytes() or 0
         return dataset
+
+    @property
+    def access(self) -> str:
+        """How :meth:`collate` reads tokens: ``"direct"``, ``"mmap"`` or ``"memory"``."""
+        if self._store.direct:
+            return "direct"
+        return "mmap" if self._mapping else "memory"
+
+    def _use_direct(self, maps: list[np.memmap], *, required: bool) -> None:
+        files = [(str(m.filename), int(m.ctypes.data), int(m.nbytes)) for m in maps]
+        if not files:
+            return
+        try:
+            self._store.read_direct(files)
+        except ValueError:
+            if required:
+                raise
+        else:
+            self._direct_files = files
+
+    @contextlib.contextmanager
+    def _scan(self) -> Iterator[None]:
+        """Read-ahead on for a pass over the whole mapped store, then back to random access."""
+        import mmap as mmap_module
+
+        for mapping in self._mapping or ():
+            mapping.madvise(mmap_module.MADV_SEQUENTIAL)
+        try:
+            yield
+        finally:
+            for mapping in self._mapping or ():
+                mapping.madvise(mmap_module.MADV_RANDOM)
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of a memory-mapped store (they stay in the OS page
@@ -304,12 +361,13 @@ class PreferenceDataset:
 
     def verify(self) -> None:
         """Check every pair (offsets, non-empty runs, ids >= 0); raises ``ValueError``."""
-        self._store.validate(None)
+        with self._scan():
+            self._store.validate(None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A memory-mapped store pickles as its path: worker processes map the same file.
         if self._path is not None:
-            return (_load_mapped, (str(self._path),))
+            return (_load_mapped, (str(self._path), "direct" if self._store.direct else "mmap"))
         parts = [tuple(np.ascontiguousarray(a) for a in p) for p in self._store.parts()]
         return (_from_parts, (parts,))
 
@@ -357,7 +415,9 @@ class PreferenceDataset:
         (computed in Rust over all parts), so a store and its parts concatenated agree.
         """
         digest = hashlib.sha256(str(len(self)).encode())
-        for crcs in self._store.checksums():
+        with self._scan():
+            checksums = self._store.checksums()
+        for crcs in checksums:
             for crc in crcs:
                 digest.update(b"%d|" % crc)
         return digest.hexdigest()
@@ -407,21 +467,24 @@ class PreferenceDataset:
         only for the identical check); the result's :attr:`dropped` counts the pairs removed per
         reason (``prompt_length``, ``completion_length``, ``length``, ``identical``; the first
         that applies). ``out`` writes the result to a store there (bounded memory)."""
-        kept, counts = self._store.filter(
-            min_prompt_length=min_prompt_length,
-            max_prompt_length=max_prompt_length,
-            min_completion_length=min_completion_length,
-            max_completion_length=max_completion_length,
-            max_length=max_length,
-            drop_identical=bool(drop_identical),
-        )
+        with self._scan():
+            kept, counts = self._store.filter(
+                min_prompt_length=min_prompt_length,
+                max_prompt_length=max_prompt_length,
+                min_completion_length=min_completion_length,
+                max_completion_length=max_completion_length,
+                max_length=max_length,
+                drop_identical=bool(drop_identical),
+            )
         return self._keep(kept, {k: int(v) for k, v in counts.items()}, out)
 
     def deduplicate(self, *, out: str | os.PathLike[str] | None = None) -> PreferenceDataset:
         """The first occurrence of every distinct (prompt, chosen, rejected) token triple, in
         order (hashed in Rust, equal hashes compared token by token); :attr:`dropped` holds
         ``{"duplicates": n}``. ``out`` writes the result to a store there."""
-        return self._keep(self._store.deduplicate(), None, out)
+        with self._scan():
+            kept = self._store.deduplicate()
+        return self._keep(kept, None, out)
 
     def _keep(self, kept: np.ndarray, counts: dict[str, int] | None, out: Any) -> PreferenceDataset:
         if out is None:
@@ -430,8 +493,9 @@ class PreferenceDataset:
             from rlox.store_writer import StoreWriter
 
             writer = StoreWriter(out)
-            for start in range(0, len(kept), 1 << 16):
-                writer.append(*self._store.take(kept[start : start + (1 << 16)]))
+            with self._scan():
+                for start in range(0, len(kept), 1 << 16):
+                    writer.append(*self._store.take(kept[start : start + (1 << 16)]))
             result = PreferenceDataset.load(writer.close())
         result.dropped = counts if counts is not None else {"duplicates": len(self) - len(kept)}
         return result
@@ -647,8 +711,26 @@ def _resident_file_bytes() -> int | None:
     return None
 
 
-def _load_mapped(path: str) -> PreferenceDataset:
-    return PreferenceDataset.load(path, mmap=True)
+def _is_large(maps: list[np.memmap]) -> bool:
+    """Whether mapped files exceed half the available memory (never where that is unknown)."""
+    available = _available_memory()
+    return available is not None and 2 * sum(int(m.nbytes) for m in maps) > available
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _load_mapped(path: str, access: str = "auto") -> PreferenceDataset:
+    return PreferenceDataset.load(path, mmap=True, access=access)
 
 
 def _part_tokens(part_tokens: int | None) -> dict[str, int]:

@@ -219,25 +219,19 @@ def _read_single(
                 )
         arrays.append(arr)
     if mmap and size:
-        _advise_random(raw, [sections[f"{c}_values"] for c in ("prompt", "chosen", "rejected")])
+        _advise_random(raw)
     store = _rlox.PairStore(*arrays)
     if len(store) != meta["num_pairs"]:
         raise ValueError(f"path: {meta_file} is corrupted (pair count mismatch)")
     return store, raw
 
 
-def _advise_random(raw: np.ndarray, sections: list[dict[str, Any]]) -> None:
-    """Turn off the kernel's read-around for the token sections of a mapped file: a random span
-    then reads only its own pages. Offsets keep the default (the planner scans them)."""
+def _advise_random(raw: np.ndarray) -> None:
+    """Turn off the kernel's read-around for a mapped store file: a random token span then reads
+    only its own pages. Scans of all offsets ask for exactly their pages first (Rust)."""
     mapping = getattr(raw, "_mmap", None)
-    if mapping is None or not hasattr(mmap_module, "MADV_RANDOM"):
-        return
-    page = mmap_module.PAGESIZE
-    for s in sections:
-        start = int(s["offset"]) // page * page
-        end = int(s["offset"]) + int(s["count"]) * 4
-        if end > start:
-            mapping.madvise(mmap_module.MADV_RANDOM, start, end - start)
+    if mapping is not None and hasattr(mmap_module, "MADV_RANDOM"):
+        mapping.madvise(mmap_module.MADV_RANDOM)
 
 
 def _header_crc(meta: Mapping[str, Any]) -> int:

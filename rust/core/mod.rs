@@ -2,6 +2,8 @@
 
 pub mod attn;
 pub mod collate;
+#[cfg(unix)]
+pub mod direct;
 pub mod disk;
 pub mod errors;
 pub mod fastmath;

@@ -183,6 +183,18 @@ pub fn check_ids(field: &str, i: usize, ids: Ints<'_>, vocab_size: Option<i64>) 
     Ok(hi)
 }
 
+/// [`check_ids`] over a pair's three runs, naming the pair's store index.
+pub fn check_pair_ids(p: &PairRef<'_>, vocab_size: Option<i64>) -> Result<()> {
+    for (name, run) in [
+        ("prompt", p.prompt),
+        ("chosen", p.chosen),
+        ("rejected", p.rejected),
+    ] {
+        check_ids(name, p.index, run, vocab_size)?;
+    }
+    Ok(())
+}
+
 /// One pair's three token runs, and the pair's index in the store.
 #[derive(Debug, Clone, Copy)]
 pub struct PairRef<'a> {

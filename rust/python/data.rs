@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use numpy::{
     PyArray1, PyArrayDescrMethods, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods,
@@ -15,13 +16,15 @@ use pyo3::types::{PyDict, PyList};
 use super::convert::{collated_dict, dtype_name, int64_array, int_arg, ndarray, str_arg, vec_i64};
 use super::errors::to_py;
 use crate::core::collate::{collate, CollateOptions, Layout, Truncation};
+#[cfg(unix)]
+use crate::core::direct::DirectFiles;
 use crate::core::disk;
 use crate::core::errors::RloxError;
 use crate::core::parts::Parts;
 use crate::core::plan::{layout_tokens, plan, Plan, PlanOptions};
-use crate::core::prefetch::will_need;
+use crate::core::prefetch::will_need_offsets;
 use crate::core::prune::{deduplicate, filter, FilterOptions, REASONS};
-use crate::core::store::{Column, Ints, IntsBuf, PairColumns};
+use crate::core::store::{check_pair_ids, Column, Ints, IntsBuf, PairColumns};
 
 const NAMES: [&str; 6] = [
     "prompt_values",
@@ -185,9 +188,16 @@ pub struct PairStore {
     /// Largest token id once `validate` has passed (`UNCHECKED` before): collation then skips
     /// the per-token id checks that this bound already answers.
     max_id: AtomicI64,
-    /// Whether collation first hints the kernel to read the batch's pages (memory-mapped parts).
+    /// Whether scans of all lengths first ask the kernel for the offsets pages (mapped parts).
     prefetch: AtomicBool,
+    /// The mapped files, opened for direct reads of each batch's runs (`read_direct`).
+    direct: RwLock<Option<Arc<Direct>>>,
 }
+
+#[cfg(unix)]
+type Direct = DirectFiles;
+#[cfg(not(unix))]
+type Direct = ();
 
 const UNCHECKED: i64 = i64::MIN;
 
@@ -212,6 +222,14 @@ impl PairStore {
             .iter()
             .map(|p| p.iter().map(guard).collect())
             .collect()
+    }
+
+    /// Every pair's lengths; a mapped store first asks for all offsets pages at once.
+    fn scan_lengths(&self, cols: &Parts<'_>) -> [Vec<i64>; 3] {
+        if self.prefetch.load(Ordering::Relaxed) {
+            will_need_offsets(cols);
+        }
+        cols.lengths()
     }
 
     fn held_arrays<'py>(py: Python<'py>, part: &[Held]) -> Vec<Bound<'py, PyAny>> {
@@ -275,6 +293,7 @@ impl PairStore {
             len: 0,
             max_id: AtomicI64::new(UNCHECKED),
             prefetch: AtomicBool::new(false),
+            direct: RwLock::new(None),
         };
         let len = columns(&store.guards(py)).map_err(to_py)?.len();
         Ok(Self { len, ..store })
@@ -313,11 +332,48 @@ impl PairStore {
             len: stores.iter().map(|s| s.len).sum(),
             max_id: AtomicI64::new(max_id),
             prefetch: AtomicBool::new(stores.iter().any(|s| s.prefetch.load(Ordering::Relaxed))),
+            direct: RwLock::new(None),
         }
     }
 
-    /// Hint the kernel to read each batch's token pages before collating it (for stores whose
-    /// arrays are memory-mapped; a hint only, results are the same).
+    /// Read each batch's token runs from these files with positioned direct reads instead of
+    /// through the memory map: `files` lists `(path, mapped address, mapped length)` of the
+    /// mapped parts; `None` switches back to the map.
+    fn read_direct(
+        &self,
+        py: Python<'_>,
+        files: Option<Vec<(String, usize, usize)>>,
+    ) -> PyResult<()> {
+        let opened = match files {
+            #[cfg(unix)]
+            Some(f) => Some(Arc::new(
+                py.detach(|| DirectFiles::open(&f)).map_err(to_py)?,
+            )),
+            #[cfg(not(unix))]
+            Some(_) => {
+                let _ = py;
+                return Err(to_py(RloxError::value(
+                    "access",
+                    "direct reads need a Unix system",
+                )));
+            }
+            None => None,
+        };
+        *self.direct.write().unwrap_or_else(|e| e.into_inner()) = opened;
+        Ok(())
+    }
+
+    /// Whether collation reads token runs with direct reads (see `read_direct`).
+    #[getter]
+    fn get_direct(&self) -> bool {
+        self.direct
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Whether scans of all lengths (`lengths`, `plan`, `layout_tokens`) first ask the kernel for
+    /// every offsets page at once (for memory-mapped stores; a hint only, results are the same).
     #[setter]
     fn set_prefetch(&self, on: bool) {
         self.prefetch.store(on, Ordering::Relaxed);
@@ -375,7 +431,7 @@ impl PairStore {
     fn lengths<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyArray1<i64>>>> {
         let g = self.guards(py);
         let cols = columns(&g).map_err(to_py)?;
-        let lens = py.detach(|| cols.lengths());
+        let lens = py.detach(|| self.scan_lengths(&cols));
         Ok(lens.into_iter().map(|v| vec_i64(py, v)).collect())
     }
 
@@ -424,12 +480,27 @@ impl PairStore {
         let idx = idx.as_slice()?;
         let g = self.guards(py);
         let cols = columns(&g).map_err(to_py)?;
+        let direct = self
+            .direct
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let batch = py
             .detach(|| {
-                let pairs = cols.pairs(idx, self.id_checks(vocab))?;
-                if self.prefetch.load(Ordering::Relaxed) {
-                    will_need(&pairs);
+                #[cfg(unix)]
+                if let Some(files) = &direct {
+                    // Ids are checked on the copies read, so the map is never touched.
+                    let pairs = cols.pairs(idx, None)?;
+                    let runs = files.read(&pairs)?;
+                    let read = runs.pairs(&pairs);
+                    if let Some(vocab) = self.id_checks(vocab) {
+                        read.iter().try_for_each(|p| check_pair_ids(p, vocab))?;
+                    }
+                    return collate(&read, &o);
                 }
+                let pairs = cols.pairs(idx, self.id_checks(vocab))?;
+                #[cfg(not(unix))]
+                let _ = direct;
                 collate(&pairs, &o)
             })
             .map_err(to_py)?;
@@ -465,7 +536,7 @@ impl PairStore {
         let cols = columns(&g).map_err(to_py)?;
         let p = py
             .detach(|| {
-                let lens = cols.lengths();
+                let lens = self.scan_lengths(&cols);
                 plan([&lens[0], &lens[1], &lens[2]], &o)
             })
             .map_err(to_py)?;
@@ -512,7 +583,7 @@ impl PairStore {
             offsets: off.to_vec(),
         };
         py.detach(|| {
-            let lens = cols.lengths();
+            let lens = self.scan_lengths(&cols);
             layout_tokens([&lens[0], &lens[1], &lens[2]], &p, &o)
         })
         .map_err(to_py)
