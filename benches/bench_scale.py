@@ -89,7 +89,7 @@ def child_access(store: Path, batches: int, mode: str) -> dict[str, Any]:
     default = PreferenceDataset.load(store).access
     if mode == "normal":  # the kernel's defaults: read-around, no will-need
         ds._store.prefetch = False
-        for m in ds._mapping:
+        for m in ds._mapped.mmaps:
             m.madvise(mmap.MADV_NORMAL)
     r0, t0 = read_bytes(), time.perf_counter()
     plan = ds.batches(64, shuffle=True, seed=0, max_length=1024)

@@ -543,13 +543,13 @@ def test_bad_input_names_field_and_first_bad_pair(fn, exc, pattern):
 
 
 def test_resident_pages_are_released_past_the_budget(tmp_path, dataset, monkeypatch):
-    import rlox.data
+    import rlox.mapped
 
     path = dataset.save(tmp_path / "s")
     calls = []
-    monkeypatch.setattr(PreferenceDataset, "release_pages", lambda self: calls.append(1))
+    monkeypatch.setattr(rlox.mapped.MappedStore, "release", lambda self: calls.append(1))
     resident = [100 << 20]
-    monkeypatch.setattr(rlox.data, "_resident_file_bytes", lambda: resident[0])
+    monkeypatch.setattr(rlox.mapped, "resident_file_bytes", lambda: resident[0])
     for budget, released in ((1 << 20, True), (None, False), (1 << 30, False)):
         calls.clear()
         resident[0] = 100 << 20

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import rlox.data
+import rlox.mapped
 from rlox import PreferenceDataset
 from rlox.batch import LAYOUTS
 from rlox.store_writer import StoreWriter
@@ -87,16 +87,16 @@ def test_direct_across_concatenation_and_pickling(tmp_path) -> None:
 def test_auto_access_and_bound_follow_available_memory(tmp_path, monkeypatch) -> None:
     PreferenceDataset.from_arrays(*random_columns(20, 0, 50)).save(tmp_path)
     size = (tmp_path / "tokens.bin").stat().st_size
-    monkeypatch.setattr(rlox.data, "_available_memory", lambda: 2 * size)
+    monkeypatch.setattr(rlox.mapped, "available_memory", lambda: 2 * size)
     small = PreferenceDataset.load(tmp_path)
-    assert (small.access, small._max_resident) == ("mmap", None)
-    monkeypatch.setattr(rlox.data, "_available_memory", lambda: 2 * size - 1)
+    assert (small.access, small._mapped.max_resident) == ("mmap", None)
+    monkeypatch.setattr(rlox.mapped, "available_memory", lambda: 2 * size - 1)
     large = PreferenceDataset.load(tmp_path)
-    assert (large.access, large._max_resident) == ("direct", rlox.data.AUTO_RESIDENT)
+    assert (large.access, large._mapped.max_resident) == ("direct", rlox.mapped.AUTO_RESIDENT)
     assert PreferenceDataset.load(tmp_path, access="mmap").access == "mmap"
-    assert PreferenceDataset.load(tmp_path, max_resident=None)._max_resident is None
+    assert PreferenceDataset.load(tmp_path, max_resident=None)._mapped.max_resident is None
     assert PreferenceDataset.load(tmp_path, mmap=False).access == "memory"
-    monkeypatch.setattr(rlox.data, "_available_memory", lambda: None)
+    monkeypatch.setattr(rlox.mapped, "available_memory", lambda: None)
     assert PreferenceDataset.load(tmp_path).access == "mmap"
 
 

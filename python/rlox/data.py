@@ -24,14 +24,13 @@ from rlox import _rlox
 from rlox.batch import LAYOUTS, PairBatch, batch_from_arrays, dense_attention_mask
 from rlox.columns import ARRAY_NAMES, COLUMNS, array_columns, arrow_columns, list_columns
 from rlox.indices import BatchPlan, PairIndices, PairLengths, index_array, int_option
+from rlox.mapped import ACCESS, MappedStore
 from rlox.store_file import DATA_FILE as DATA_FILE
 from rlox.store_file import META_FILE as META_FILE
 from rlox.store_file import STORE_FORMAT as STORE_FORMAT
 from rlox.store_file import STORE_VERSION as STORE_VERSION
 from rlox.store_file import read_store, write_store
 
-AUTO_RESIDENT = 256 << 20
-ACCESS = ("auto", "mmap", "direct")
 """The default bound (bytes) on a mapped store's file-backed resident growth."""
 
 if TYPE_CHECKING:
@@ -60,11 +59,7 @@ class PreferenceDataset:
             raise TypeError(f"store: expected rlox._rlox.PairStore, got {type(store).__name__}")
         self._store = store
         self._path = path
-        self._mapping: Any = None
-        self._max_resident: int | None = None
-        self._direct_files: list[tuple[str, int, int]] = []
-        self._base_resident = 0
-        self._calls = 0
+        self._mapped: MappedStore | None = None
         self._parts = [dict(zip(ARRAY_NAMES, a, strict=True)) for a in store.parts()]
         self._starts = store.starts()
         self.dropped: dict[str, int] = {}
@@ -234,10 +229,9 @@ class PreferenceDataset:
                     f"datasets[{k}]: expected a PreferenceDataset, got {type(d).__name__}"
                 )
         out = cls(_rlox.PairStore.concat([d._store for d in datasets]))
-        out._mapping = [m for d in datasets for m in d._mapping or ()]
-        if any(d._direct_files for d in datasets):
-            out._direct_files = [f for d in datasets for f in d._direct_files]
-            out._store.read_direct(out._direct_files)
+        mapped = [d._mapped for d in datasets if d._mapped is not None]
+        if mapped:
+            out._mapped = MappedStore.joined(out._store, mapped)
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -299,65 +293,23 @@ class PreferenceDataset:
         dataset._directory = path.resolve()
         if mmap:
             maps = [r for r in raws if isinstance(r, np.memmap)]
-            large = _is_large(maps)
-            dataset._mapping = [m for r in maps if (m := getattr(r, "_mmap", None)) is not None]
-            store.prefetch = True
-            if access == "direct" or (access == "auto" and large):
-                dataset._use_direct(maps, required=access == "direct")
-            if max_resident == "auto":
-                max_resident = AUTO_RESIDENT if large else None
-            dataset._max_resident = max_resident
-            if max_resident is not None:
-                dataset.release_pages()  # pages read by verify do not count against the budget
-            dataset._base_resident = _resident_file_bytes() or 0
+            dataset._mapped = MappedStore(store, maps, access=access, max_resident=max_resident)
         return dataset
 
     @property
     def access(self) -> str:
         """How :meth:`collate` reads tokens: ``"direct"``, ``"mmap"`` or ``"memory"``."""
-        if self._store.direct:
-            return "direct"
-        return "mmap" if self._mapping else "memory"
+        return self._mapped.access if self._mapped is not None else "memory"
 
-    def _use_direct(self, maps: list[np.memmap], *, required: bool) -> None:
-        files = [(str(m.filename), int(m.ctypes.data), int(m.nbytes)) for m in maps]
-        if not files:
-            return
-        try:
-            self._store.read_direct(files)
-        except ValueError:
-            if required:
-                raise
-        else:
-            self._direct_files = files
-
-    @contextlib.contextmanager
-    def _scan(self) -> Iterator[None]:
-        """Read-ahead on for a pass over the whole mapped store, then back to random access."""
-        import mmap as mmap_module
-
-        for mapping in self._mapping or ():
-            mapping.madvise(mmap_module.MADV_SEQUENTIAL)
-        try:
-            yield
-        finally:
-            for mapping in self._mapping or ():
-                mapping.madvise(mmap_module.MADV_RANDOM)
+    def _scan(self) -> contextlib.AbstractContextManager[None]:
+        """Read-ahead on for a pass over the whole mapped store."""
+        return self._mapped.scan() if self._mapped is not None else contextlib.nullcontext()
 
     def release_pages(self) -> None:
         """Drop this process's resident pages of a memory-mapped store (they stay in the OS page
         cache, so touching them again is cheap)."""
-        import mmap as mmap_module
-
-        for mapping in self._mapping or ():
-            mapping.madvise(mmap_module.MADV_DONTNEED)
-
-    def _bound_resident(self) -> None:
-        if self._max_resident is None:
-            return
-        now = _resident_file_bytes()
-        if now is not None and now - self._base_resident > self._max_resident:
-            self.release_pages()
+        if self._mapped is not None:
+            self._mapped.release()
 
     def verify(self) -> None:
         """Check every pair (offsets, non-empty runs, ids >= 0); raises ``ValueError``."""
@@ -367,7 +319,7 @@ class PreferenceDataset:
     def __reduce__(self) -> tuple[Any, ...]:
         # A memory-mapped store pickles as its path: worker processes map the same file.
         if self._path is not None:
-            return (_load_mapped, (str(self._path), "direct" if self._store.direct else "mmap"))
+            return (_load_mapped, (str(self._path), self.access))
         parts = [tuple(np.ascontiguousarray(a) for a in p) for p in self._store.parts()]
         return (_from_parts, (parts,))
 
@@ -574,10 +526,8 @@ class PreferenceDataset:
             pack_length=pack_length,
             vocab_size=vocab_size,
         )
-        if self._max_resident is not None:
-            self._calls += 1
-            if self._calls % 8 == 0:
-                self._bound_resident()
+        if self._mapped is not None:
+            self._mapped.collated()
         return batch_from_arrays(out, layout)
 
     def batches(
@@ -697,36 +647,6 @@ class PreferenceDataset:
         from rlox.loader import PreferenceCollator
 
         return PreferenceCollator(self, **kwargs)
-
-
-def _resident_file_bytes() -> int | None:
-    """File-backed resident memory of this process (Linux), else None."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"RssFile:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _is_large(maps: list[np.memmap]) -> bool:
-    """Whether mapped files exceed half the available memory (never where that is unknown)."""
-    available = _available_memory()
-    return available is not None and 2 * sum(int(m.nbytes) for m in maps) > available
-
-
-def _available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _load_mapped(path: str, access: str = "auto") -> PreferenceDataset:
