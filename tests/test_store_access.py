@@ -108,3 +108,29 @@ def test_access_option_errors(tmp_path) -> None:
         PreferenceDataset.load(tmp_path, mmap=False, access="direct")
     with pytest.raises(ValueError, match="path: .*direct read failed"):
         PreferenceDataset.load(tmp_path)._store.read_direct([(str(tmp_path / "missing"), 0, 1)])
+
+
+def test_direct_reads_in_forked_loader_workers(tmp_path) -> None:
+    """Workers forked after the parent read batches directly build their own I/O threads."""
+    import torch
+
+    from rlox.loader import PreferenceBatchSampler, PreferenceCollator
+
+    on_disk = PreferenceDataset.from_arrays(*random_columns(64, 3, 300))
+    on_disk.save(tmp_path)
+    direct = PreferenceDataset.load(tmp_path, access="direct")
+    direct.collate([0, 1])  # the parent's I/O threads exist before the fork
+    sampler = PreferenceBatchSampler(direct, batch_size=8, seed=0)
+    loader = torch.utils.data.DataLoader(
+        direct,
+        batch_sampler=sampler,
+        collate_fn=PreferenceCollator(direct),
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=60,
+    )
+    batches = list(loader)
+    assert len(batches) == len(list(sampler))
+    for batch, idx in zip(batches, sampler, strict=True):
+        indices = idx.indices if hasattr(idx, "indices") else idx
+        assert_same_batch(batch, on_disk.collate(indices))

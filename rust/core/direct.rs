@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
@@ -61,15 +61,28 @@ pub struct DirectRuns {
     at: Vec<Option<(usize, usize)>>,
 }
 
-fn pool() -> &'static rayon::ThreadPool {
-    static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(IO_THREADS)
-            .thread_name(|i| format!("rlox-io-{i}"))
-            .build()
-            .expect("the I/O thread pool starts")
-    })
+/// The I/O pool of this process. A forked child (a `DataLoader` worker) inherits the parent's
+/// pool without its threads, so each process builds its own.
+fn pool() -> Arc<rayon::ThreadPool> {
+    static POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let mut slot = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    match slot.as_ref() {
+        Some((owner, pool)) if *owner == pid => Arc::clone(pool),
+        _ => {
+            let pool = Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(IO_THREADS)
+                    .thread_name(|i| format!("rlox-io-{i}"))
+                    .build()
+                    .expect("the I/O thread pool starts"),
+            );
+            if let Some((_, stale)) = slot.replace((pid, Arc::clone(&pool))) {
+                std::mem::forget(stale); // its threads live only in the parent
+            }
+            pool
+        }
+    }
 }
 
 fn io_error(path: &str, e: std::io::Error) -> RloxError {
