@@ -281,3 +281,22 @@ def test_killed_ingestion_never_loads_wrong_and_resumes(tmp_path) -> None:
         subprocess.run([sys.executable, "-c", _KILLED, str(out), "1", "0"], check=True)
         assert_same(PreferenceDataset.load(out), expected)
     assert interrupted == 4
+
+
+@SETTINGS
+@given(
+    n=st.integers(0, 60),
+    group=st.integers(1, 25),
+    batch=st.integers(1, 30),
+    data=st.data(),
+)
+def test_parquet_slices_read_exactly_the_range(n, group, batch, data, tmp_path_factory) -> None:
+    from rlox.ingest import record_batches
+
+    path = tmp_path_factory.mktemp("pq") / "in.parquet"
+    pq.write_table(pa.table({"k": list(range(n))}), path, row_group_size=group)
+    start = data.draw(st.integers(0, n))
+    stop = data.draw(st.integers(start, n))
+    pieces = list(record_batches([path], start, stop, batch))
+    assert all(0 < p.num_rows <= batch for p in pieces)
+    assert [k for p in pieces for k in p.column("k").to_pylist()] == list(range(start, stop))

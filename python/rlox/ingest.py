@@ -121,6 +121,8 @@ def _slices(item: Any, start: int, stop: int, batch: int) -> Iterator[Any]:
 
 
 def _parquet_slices(path: Path, start: int, stop: int, batch: int) -> Iterator[pa.Table]:
+    """Records ``[start, stop)`` of a Parquet file, decoded ``batch`` rows at a time (never a
+    whole row group at once)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -128,12 +130,16 @@ def _parquet_slices(path: Path, start: int, stop: int, batch: int) -> Iterator[p
     row = 0
     for g in range(meta.num_row_groups):
         rows = meta.row_group(g).num_rows
-        lo, hi = max(start, row), min(stop, row + rows)
-        if lo < hi:
-            table = pf.read_row_group(g).slice(lo - row, hi - lo)
-            for first in range(0, table.num_rows, batch):
-                yield table.slice(first, batch)
-        row += rows
+        if row < stop and start < row + rows:
+            for piece in pf.iter_batches(batch_size=batch, row_groups=[g]):
+                lo, hi = max(start, row), min(stop, row + piece.num_rows)
+                if lo < hi:
+                    yield pa.Table.from_batches([piece.slice(lo - row, hi - lo)])
+                row += piece.num_rows
+                if row >= stop:
+                    return
+        else:
+            row += rows
 
 
 def record_batches(
