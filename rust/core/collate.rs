@@ -14,10 +14,7 @@
 //! it, its id, its pair and its side (0 chosen, 1 rejected). Summing log-softmax at those points by
 //! (side, pair) gives the same sequence log-probs in every layout.
 
-use std::mem::MaybeUninit;
-
-use rayon::prelude::*;
-
+mod fill;
 mod matrix;
 mod options;
 
@@ -143,25 +140,6 @@ pub struct Collated {
     pub plan_target: Vec<i64>,
     pub plan_pair: Vec<i64>,
     pub plan_side: Vec<i64>,
-}
-
-type Cells<'b, T> = &'b mut [MaybeUninit<T>];
-
-fn put<T: Copy>(dst: &mut [MaybeUninit<T>], v: T) {
-    for d in dst {
-        d.write(v);
-    }
-}
-
-/// Split `v` into consecutive mutable pieces of the given lengths.
-fn split_lens<'a, T>(mut v: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
-    let mut out = Vec::with_capacity(lens.len());
-    for &n in lens {
-        let (head, tail) = std::mem::take(&mut v).split_at_mut(n);
-        out.push(head);
-        v = tail;
-    }
-    out
 }
 
 /// One sequence placed in a row: tokens `prompt` then `completion` starting at `start`, whose
@@ -350,7 +328,7 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
         rj.prefetch();
     }
     let rows = row_pieces.len();
-    let fill = |p: &Piece<'_>| {
+    let row_end = |p: &Piece<'_>| {
         let prompt = if p.shared_prompt_end.is_some() {
             0
         } else {
@@ -360,17 +338,10 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
     };
     let longest = row_pieces
         .iter()
-        .flat_map(|ps| ps.iter().map(fill))
+        .flat_map(|ps| ps.iter().map(row_end))
         .max()
         .unwrap_or(0);
     let length = o.round(longest);
-    // Plan entries in row order, sequences in row order, tokens in order.
-    let plan_lens: Vec<usize> = row_pieces
-        .iter()
-        .map(|ps| ps.iter().map(|p| p.completion.len()).sum())
-        .collect();
-    let total: usize = plan_lens.iter().sum();
-
     let cells = rows.saturating_mul(length);
     if cells > MAX_CELLS {
         let field = if o.pad_to_multiple_of.is_some_and(|m| m > 1) {
@@ -383,148 +354,16 @@ pub fn collate(pairs: &[PairRef<'_>], o: &CollateOptions) -> Result<Collated> {
             format!("the batch would hold {rows} x {length} cells, more than {MAX_CELLS}"),
         ));
     }
-    // Every output cell is written exactly once below: the pieces of a row cover `0..fill`
-    // contiguously and the tail `fill..length` is padding; each plan entry belongs to one token.
-    let (mut ids_v, mut att_v, mut pos_v) = (
-        Vec::<i64>::with_capacity(cells),
-        Vec::<i64>::with_capacity(cells),
-        Vec::<i64>::with_capacity(cells),
-    );
-    let mut lm_v = Vec::<bool>::with_capacity(cells);
-    let mut sid_v = Vec::<i32>::with_capacity(cells);
-    let mut plan_v: [Vec<i64>; 5] = std::array::from_fn(|_| Vec::with_capacity(total));
-    let width = length.max(1);
-    {
-        let [pr, pp, pt, pa, ps] = &mut plan_v;
-        let plan = (
-            split_lens(&mut pr.spare_capacity_mut()[..total], &plan_lens),
-            split_lens(&mut pp.spare_capacity_mut()[..total], &plan_lens),
-            split_lens(&mut pt.spare_capacity_mut()[..total], &plan_lens),
-            split_lens(&mut pa.spare_capacity_mut()[..total], &plan_lens),
-            split_lens(&mut ps.spare_capacity_mut()[..total], &plan_lens),
-        );
-        let pad = o.pad_token_id;
-        let fill_row = |row: usize,
-                        ids: Cells<'_, i64>,
-                        att: Cells<'_, i64>,
-                        pos: Cells<'_, i64>,
-                        lm: Cells<'_, bool>,
-                        sid: Cells<'_, i32>,
-                        plan_row: [Cells<'_, i64>; 5]| {
-            let [p_row, p_pos, p_tgt, p_pair, p_side] = plan_row;
-            let mut k = 0;
-            let mut fill = 0;
-            for pc in &row_pieces[row] {
-                let (np, nc) = (pc.prompt.len(), pc.completion.len());
-                let first = pc.start;
-                let (comp_at, pos0) = match pc.shared_prompt_end {
-                    None => {
-                        pc.prompt.write_to(&mut ids[first..first + np]);
-                        put(&mut lm[first..first + np], false);
-                        (first + np, 0)
-                    }
-                    Some(_) => (first, np),
-                };
-                let end = comp_at + nc;
-                fill = fill.max(end);
-                pc.completion.write_to(&mut ids[comp_at..end]);
-                put(&mut lm[comp_at..end], true);
-                put(&mut att[first..end], 1);
-                put(&mut sid[first..end], pc.seq_id);
-                for (j, x) in pos[first..end].iter_mut().enumerate() {
-                    x.write((pos0 + j) as i64);
-                }
-                // Token t of the completion is predicted at comp_at + t - 1, except that the
-                // first rejected token of a shared prompt is predicted at the prompt's end.
-                let plan = k..k + nc;
-                put(&mut p_row[plan.clone()], row as i64);
-                put(&mut p_pair[plan.clone()], pc.pair as i64);
-                put(&mut p_side[plan.clone()], pc.side as i64);
-                pc.completion.write_to(&mut p_tgt[plan.clone()]);
-                for (j, x) in p_pos[plan].iter_mut().enumerate() {
-                    x.write((comp_at + j) as i64 - 1);
-                }
-                if let (Some(pe), true) = (pc.shared_prompt_end, nc > 0) {
-                    p_pos[k].write(pe as i64 - 1);
-                }
-                k += nc;
-            }
-            debug_assert_eq!(k, p_row.len());
-            put(&mut ids[fill..], pad);
-            put(&mut att[fill..], 0);
-            put(&mut pos[fill..], 0);
-            put(&mut lm[fill..], false);
-            put(&mut sid[fill..], -1);
-        };
-        let (ids_s, att_s, pos_s) = (
-            &mut ids_v.spare_capacity_mut()[..cells],
-            &mut att_v.spare_capacity_mut()[..cells],
-            &mut pos_v.spare_capacity_mut()[..cells],
-        );
-        let (lm_s, sid_s) = (
-            &mut lm_v.spare_capacity_mut()[..cells],
-            &mut sid_v.spare_capacity_mut()[..cells],
-        );
-        if cells >= PARALLEL_CELLS {
-            ids_s
-                .par_chunks_mut(width)
-                .zip(att_s.par_chunks_mut(width))
-                .zip(pos_s.par_chunks_mut(width))
-                .zip(lm_s.par_chunks_mut(width))
-                .zip(sid_s.par_chunks_mut(width))
-                .zip(plan.0.into_par_iter())
-                .zip(plan.1.into_par_iter())
-                .zip(plan.2.into_par_iter())
-                .zip(plan.3.into_par_iter())
-                .zip(plan.4.into_par_iter())
-                .enumerate()
-                .for_each(
-                    |(row, (((((((((ids, att), pos), lm), sid), a), b), c), d), e))| {
-                        fill_row(row, ids, att, pos, lm, sid, [a, b, c, d, e])
-                    },
-                );
-        } else {
-            // Small batches: waking the thread pool costs more than it saves.
-            ids_s
-                .chunks_mut(width)
-                .zip(att_s.chunks_mut(width))
-                .zip(pos_s.chunks_mut(width))
-                .zip(lm_s.chunks_mut(width))
-                .zip(sid_s.chunks_mut(width))
-                .zip(plan.0)
-                .zip(plan.1)
-                .zip(plan.2)
-                .zip(plan.3)
-                .zip(plan.4)
-                .enumerate()
-                .for_each(
-                    |(row, (((((((((ids, att), pos), lm), sid), a), b), c), d), e))| {
-                        fill_row(row, ids, att, pos, lm, sid, [a, b, c, d, e])
-                    },
-                );
-        }
-    }
-    // SAFETY: the loop above initialised all `cells` elements of each matrix (rows are disjoint
-    // chunks, each written over `0..length`) and all `total` plan entries (one per token).
-    unsafe {
-        ids_v.set_len(cells);
-        att_v.set_len(cells);
-        pos_v.set_len(cells);
-        lm_v.set_len(cells);
-        sid_v.set_len(cells);
-        for v in &mut plan_v {
-            v.set_len(total);
-        }
-    }
-    let [plan_row, plan_position, plan_target, plan_pair, plan_side] = plan_v;
+    let filled = fill::fill(&row_pieces, length, o.pad_token_id);
+    let [plan_row, plan_position, plan_target, plan_pair, plan_side] = filled.plan;
     let mut out = Collated {
         rows,
         length,
-        input_ids: ids_v,
-        attention_mask: att_v,
-        position_ids: pos_v,
-        loss_mask: lm_v,
-        sequence_ids: sid_v,
+        input_ids: filled.input_ids,
+        attention_mask: filled.attention_mask,
+        position_ids: filled.position_ids,
+        loss_mask: filled.loss_mask,
+        sequence_ids: filled.sequence_ids,
         plan_row,
         plan_position,
         plan_target,
