@@ -139,28 +139,71 @@ def test_pair_batch_is_a_read_only_mapping():
         batch["input_ids"] = batch.input_ids  # type: ignore[index]
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
-def test_model_inputs_give_each_sequence_its_own_logits(layout):
-    """``model(**batch.model_inputs(model))`` scores each sequence as if it ran alone."""
+def model_for(kind: str) -> torch.nn.Module:
+    """GPT-2 with sdpa or rlox's per-segment attention, or a TinyCausalLM."""
+    if kind == "tiny":
+        torch.manual_seed(0)
+        cfg = TinyLMConfig(vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, max_seq_len=64)
+        return TinyCausalLM(cfg).eval()
     model = gpt2_default_dropout().eval()
     disable_dropout(model)
+    if kind == "gpt2-varlen":
+        from rlox.attention_varlen import register
+
+        model.set_attn_implementation(register())
+    return model
+
+
+def logits_of(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("kind", ["gpt2-sdpa", "gpt2-varlen", "tiny"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix_shared"])
+def test_model_inputs_give_each_sequence_its_own_logits(layout, kind):
+    """``model(**batch.model_inputs(model))`` scores each sequence as if it ran alone, through
+    the dense mask (sdpa) or per-segment attention (rlox_varlen, TinyCausalLM)."""
+    model = model_for(kind)
     p, c, r = tiny_pairs(3)
     ds = PreferenceDataset.from_lists(
         [list(x[x > 0]) for x in p], [list(x[x > 0]) for x in c], [list(x[x > 0]) for x in r]
     )
     batch = ds.collate(list(range(3)), layout=layout, max_length=32)
     inputs = batch.model_inputs(model)
-    assert set(inputs) == {"input_ids", "attention_mask", "position_ids"}
+    segments = layout != "padded" and kind != "gpt2-sdpa"
+    attend = {"attn_segments"} if segments else {"attention_mask"}
+    assert set(inputs) == {"input_ids", "position_ids"} | attend
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = logits_of(model, **inputs)
         for k in range(batch.plan_row.shape[0]):
             row, pos = int(batch.plan_row[k]), int(batch.plan_position[k])
             pair, side = int(batch.plan_pair[k]), int(batch.plan_side[k])
             seq = list(p[pair][p[pair] > 0]) + list((c if side == 0 else r)[pair])
             seq = [t for t in seq if t > 0]
             offset = pos - int(batch.position_ids[row, pos])  # the sequence's start in the row
-            alone = model(torch.tensor([seq])).logits[0, pos - offset]
+            alone = logits_of(model, input_ids=torch.tensor([seq]))[0, pos - offset]
             torch.testing.assert_close(logits[row, pos], alone, atol=2e-5, rtol=0)
+
+
+def test_model_inputs_give_flex_models_a_block_mask():
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    p, c, r = tiny_pairs(3)
+    ds = PreferenceDataset.from_lists(*([list(x[x > 0]) for x in m] for m in (p, c, r)))
+    batch = ds.collate([0, 1, 2], layout="packed", max_length=32)
+    model.set_attn_implementation("flex_attention")
+    assert isinstance(batch.model_inputs(model)["attention_mask"], BlockMask)
 
 
 # --------------------------------------------------------------------------------------------

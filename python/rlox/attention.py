@@ -11,6 +11,7 @@ runs sdpa per attention segment (:mod:`rlox.attention_varlen`); ``"flex"`` passe
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator
 
@@ -28,6 +29,7 @@ __all__ = [
     "attn_implementation",
     "check_attention",
     "forward_keywords",
+    "model_keywords",
     "route_context",
 ]
 
@@ -104,6 +106,39 @@ def attention_mask(model: nn.Module, batch: PairBatch) -> Tensor:
         f"model uses {impl!r} (load it with attn_implementation='sdpa', call "
         "model.set_attn_implementation('sdpa'), or use layout='padded')"
     )
+
+
+def model_keywords(model: nn.Module, batch: PairBatch) -> dict[str, object]:
+    """The attention keywords that run ``model`` on ``batch`` as the model is configured now,
+    attending within each sequence wherever the model can (no implementation is switched).
+
+    - ``"padded"``: the (R, L) padding mask.
+    - a Hugging Face model with ``attn_implementation="flex_attention"``: a FlexAttention
+      ``BlockMask`` (:func:`rlox.attention_flex.block_mask`) as ``attention_mask``;
+    - one with ``"rlox_varlen"`` (:func:`rlox.attention_varlen.register`), or a forward that takes
+      ``attn_segments`` (``rlox.models.TinyCausalLM``): ``attn_segments``, a
+      :class:`~rlox.attention_varlen.VarlenPlan`, and no mask;
+    - otherwise the dense mask of :func:`attention_mask`.
+    """
+    if batch.layout == "padded":
+        return {"attention_mask": batch.attention_mask}
+    inner = inner_model(model)
+    impl = attn_implementation(inner)
+    if impl == "flex_attention":
+        from rlox.attention_flex import block_mask
+
+        return {"attention_mask": block_mask(batch)}
+    takes_segments = impl == VARLEN_IMPLEMENTATION or (
+        impl is None and "attn_segments" in inspect.signature(inner.forward).parameters
+    )
+    if takes_segments and getattr(batch, "attn_segments", None) is not None:
+        from rlox.attention_varlen import VarlenPlan
+
+        rows, length = batch.input_ids.shape
+        return {
+            "attn_segments": VarlenPlan(batch.attn_segments, rows, length, batch.input_ids.device)
+        }
+    return {"attention_mask": attention_mask(inner, batch)}
 
 
 def check_attention(value: object) -> str:

@@ -93,28 +93,26 @@ class PairBatch(Mapping):
     def __len__(self) -> int:
         return sum(1 for _ in self)
 
-    def model_inputs(self, model: torch.nn.Module | None = None) -> dict[str, Tensor]:
-        """The keywords a causal LM's forward takes: ``input_ids``, ``attention_mask``,
-        ``position_ids``, all (R, L) except the mask.
+    def model_inputs(self, model: torch.nn.Module | None = None) -> dict[str, Any]:
+        """The keywords a causal LM's forward takes: ``input_ids`` and ``position_ids`` (R, L),
+        and how to attend.
 
-        The mask is the (R, L) padding mask in the ``padded`` layout. Packed and prefix-shared
-        rows hold several sequences, so there it is the mask that ``model``'s attention
-        implementation needs (:func:`rlox.attention.attention_mask`), or without ``model`` the
-        boolean (R, 1, L, L) mask of :meth:`dense_attention_mask`.
+        The ``padded`` layout gives its (R, L) ``attention_mask``. Packed and prefix-shared rows
+        hold several sequences; with ``model`` they get what attends within each sequence as the
+        model is configured (:func:`rlox.attention.model_keywords`: a FlexAttention
+        ``BlockMask`` for ``attn_implementation="flex_attention"``, ``attn_segments`` for
+        ``"rlox_varlen"`` and ``rlox.models.TinyCausalLM``, else the dense mask its attention
+        reads); without ``model``, the boolean (R, 1, L, L) :meth:`dense_attention_mask`.
         """
         if model is not None:
-            from rlox.attention import attention_mask
+            from rlox.attention import model_keywords
 
-            mask = attention_mask(model, self)
+            attend = model_keywords(model, self)
         elif self.layout == "padded":
-            mask = self.attention_mask
+            attend = {"attention_mask": self.attention_mask}
         else:
-            mask = self.dense_attention_mask()
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": mask,
-            "position_ids": self.position_ids,
-        }
+            attend = {"attention_mask": self.dense_attention_mask()}
+        return {"input_ids": self.input_ids, **attend, "position_ids": self.position_ids}
 
     @property
     def num_pairs(self) -> int:
