@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tiny_hf import gqa_llama
 
 from rlox import DPO, PreferenceDataset, collate_pairs
 from rlox.models import TinyCausalLM, TinyLMConfig
@@ -189,20 +190,10 @@ def test_model_inputs_give_each_sequence_its_own_logits(layout, kind):
 def test_model_inputs_give_flex_models_a_block_mask():
     from torch.nn.attention.flex_attention import BlockMask
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    model = gqa_llama(VOCAB, "flex_attention")
     p, c, r = tiny_pairs(3)
     ds = PreferenceDataset.from_lists(*([list(x[x > 0]) for x in m] for m in (p, c, r)))
     batch = ds.collate([0, 1, 2], layout="packed", max_length=32)
-    model.set_attn_implementation("flex_attention")
     assert isinstance(batch.model_inputs(model)["attention_mask"], BlockMask)
 
 
