@@ -143,12 +143,17 @@ def _parquet_slices(path: Path, start: int, stop: int, batch: int) -> Iterator[p
 
 
 def record_batches(
-    inputs: Sequence[Any], start: int = 0, stop: int | None = None, batch: int = 16384
+    inputs: Sequence[Any],
+    start: int = 0,
+    stop: int | None = None,
+    batch: int = 16384,
+    counts: Sequence[int] | None = None,
 ) -> Iterator[Any]:
-    """Batches of records ``[start, stop)`` of the inputs read as one sequence."""
+    """Batches of records ``[start, stop)`` of the inputs read as one sequence (``counts``: the
+    inputs' :func:`count_records`, when already known)."""
     base = 0
-    for item in inputs:
-        n = count_records(item)
+    for k, item in enumerate(inputs):
+        n = count_records(item) if counts is None else counts[k]
         end = base + n if stop is None else min(base + n, stop)
         lo = max(start, base)
         if lo < end:
@@ -211,11 +216,11 @@ def ingest_text(
     the whole store. Keywords go to :func:`~rlox.text.tokenize_preferences`.
     """
     inputs = expand_inputs(source, split)
-    total = sum(count_records(i) for i in inputs)
-    lo, hi = _shard_range(total, shard)
+    counts = [count_records(i) for i in inputs]
+    lo, hi = _shard_range(sum(counts), shard)
     writer = StoreWriter(_target(out, shard), part_tokens=part_tokens, resume=resume)
     if not writer.complete:
-        chunks = record_batches(inputs, lo + writer.records, hi, records_per_batch)
+        chunks = record_batches(inputs, lo + writer.records, hi, records_per_batch, counts)
         with tqdm(
             total=hi - lo, initial=writer.records, unit="pair", disable=not show_progress
         ) as bar:
