@@ -296,7 +296,41 @@ def test_parquet_slices_read_exactly_the_range(n, group, batch, data, tmp_path_f
     path = tmp_path_factory.mktemp("pq") / "in.parquet"
     pq.write_table(pa.table({"k": list(range(n))}), path, row_group_size=group)
     start = data.draw(st.integers(0, n))
-    stop = data.draw(st.integers(start, n))
+    stop = data.draw(st.none() | st.integers(start, n))
     pieces = list(record_batches([path], start, stop, batch))
     assert all(0 < p.num_rows <= batch for p in pieces)
-    assert [k for p in pieces for k in p.column("k").to_pylist()] == list(range(start, stop))
+    got = [k for p in pieces for k in p.column("k").to_pylist()]
+    assert got == list(range(start, n if stop is None else stop))
+
+
+@SETTINGS
+@given(sizes=st.lists(st.integers(0, 12), min_size=1, max_size=4), data=st.data())
+def test_record_batches_read_inputs_as_one_sequence(sizes, data, tmp_path_factory) -> None:
+    from rlox.ingest import count_records, record_batches
+
+    tmp = tmp_path_factory.mktemp("inputs")
+    inputs, k = [], 0
+    for j, size in enumerate(sizes):
+        rows = [{"k": k + i} for i in range(size)]
+        k += size
+        if j % 3 == 0:
+            inputs.append(tmp / f"{j}.jsonl")
+            inputs[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        elif j % 3 == 1:
+            inputs.append(tmp / f"{j}.parquet")
+            pq.write_table(
+                pa.Table.from_pylist(rows, schema=pa.schema([("k", pa.int64())])), inputs[-1]
+            )
+        else:
+            inputs.append(rows)
+    start = data.draw(st.integers(0, k))
+    stop = data.draw(st.none() | st.integers(start, k))
+    counts = data.draw(st.sampled_from([None, [count_records(i) for i in inputs]]))
+    got = []
+    for piece in record_batches(inputs, start, stop, 5, counts):
+        got += (
+            piece.column("k").to_pylist()
+            if isinstance(piece, pa.Table)
+            else [r["k"] for r in piece]
+        )
+    assert got == list(range(start, k if stop is None else stop))

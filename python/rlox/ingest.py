@@ -94,9 +94,12 @@ def count_records(item: Any) -> int:
     return len(item)
 
 
-def _slices(item: Any, start: int, stop: int, batch: int) -> Iterator[Any]:
-    """Records ``[start, stop)`` of one input, ``batch`` at a time."""
-    if isinstance(item, Path) and item.suffix.lower() == ".jsonl":
+def _slices(item: Any, start: int, stop: int | None, batch: int) -> Iterator[Any]:
+    """Records ``[start, stop)`` of one input (``stop=None``: to its end), ``batch`` at a time."""
+    jsonl = isinstance(item, Path) and item.suffix.lower() == ".jsonl"
+    if stop is None and not jsonl:
+        stop = count_records(item)  # metadata or len(): no read
+    if jsonl:
         rows: list[Any] = []
         for row in jsonl_records(item, start, stop):
             rows.append(row)
@@ -153,6 +156,10 @@ def record_batches(
     inputs' :func:`count_records`, when already known)."""
     base = 0
     for k, item in enumerate(inputs):
+        if counts is None and start <= base and stop is None:
+            # All of this input and of every later one: no count needed (for JSONL a full read).
+            yield from _slices(item, 0, None, batch)
+            continue
         n = count_records(item) if counts is None else counts[k]
         end = base + n if stop is None else min(base + n, stop)
         lo = max(start, base)
