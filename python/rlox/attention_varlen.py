@@ -12,6 +12,12 @@ one batched sdpa call. :func:`varlen_attention` has the signature of transformer
 ``AttentionInterface``; :func:`register` adds it (and a mask function that builds no mask
 while a plan is passed) as ``"rlox_varlen"``. Called without a plan (generation) it is plain
 sdpa attention, so leaving a model on ``"rlox_varlen"`` is harmless.
+
+The plan reaches the attention function as the ``attn_segments`` keyword where the model passes
+its forward keywords down to its layers (Llama-like code), else from the :func:`segment_masks_off`
+block it runs in (Falcon, StableLM and others drop unknown keywords). :class:`PlanUse` counts
+which of the two happened, so a route probe can tell whether a recomputed forward (gradient
+checkpointing, outside the block) would still see the plan.
 """
 
 from __future__ import annotations
@@ -26,12 +32,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["IMPLEMENTATION", "VarlenPlan", "register", "segment_masks_off", "varlen_attention"]
+__all__ = [
+    "IMPLEMENTATION",
+    "PlanUse",
+    "VarlenPlan",
+    "register",
+    "segment_masks_off",
+    "varlen_attention",
+]
 
 IMPLEMENTATION = "rlox_varlen"
 
-# Set while a forward runs with a plan: the registered mask function then builds no mask.
-_PLAN_ACTIVE = contextvars.ContextVar("rlox_varlen_plan_active", default=False)
+
+@dataclass
+class PlanUse:
+    """Attention calls of one forward that took their plan from keywords or from the block."""
+
+    keywords: int = 0
+    block: int = 0
+
+
+# Set while a forward runs with a plan: the registered mask function then builds no mask, and
+# attention calls without ``attn_segments`` take this plan.
+_ACTIVE: contextvars.ContextVar[tuple[Any, PlanUse] | None] = contextvars.ContextVar(
+    "rlox_varlen_plan", default=None
+)
 
 
 # A group of segments is padded to its longest segment and prefix; a segment joins a group while
@@ -215,6 +240,13 @@ def varlen_attention(
     own; returns ((B, L, H, D), None). Without it this is transformers' sdpa attention.
     """
     segments = kwargs.pop("attn_segments", None)
+    active = _ACTIVE.get()
+    if active is not None:
+        if segments is None:
+            segments = active[0]
+            active[1].block += segments is not None
+        else:
+            active[1].keywords += 1
     if segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -234,7 +266,7 @@ def varlen_attention(
 
 def _varlen_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     """The registered mask function: none while a plan is passed, else sdpa's mask."""
-    if _PLAN_ACTIVE.get():
+    if _ACTIVE.get() is not None:
         return None
     from transformers.masking_utils import sdpa_mask
 
@@ -242,13 +274,16 @@ def _varlen_mask(*args: Any, **kwargs: Any) -> Tensor | None:
 
 
 @contextlib.contextmanager
-def segment_masks_off() -> Iterator[None]:
-    """Within this block the ``"rlox_varlen"`` mask function builds no mask (a plan is passed)."""
-    token = _PLAN_ACTIVE.set(True)
+def segment_masks_off(plan: Any = None) -> Iterator[PlanUse]:
+    """Within this block the ``"rlox_varlen"`` mask function builds no mask, and attention calls
+    that get no ``attn_segments`` keyword use ``plan`` (a :class:`VarlenPlan` or (S, 5) tensor).
+    Yields the :class:`PlanUse` counts of the block."""
+    use = PlanUse()
+    token = _ACTIVE.set((plan, use))
     try:
-        yield
+        yield use
     finally:
-        _PLAN_ACTIVE.reset(token)
+        _ACTIVE.reset(token)
 
 
 def register() -> str:

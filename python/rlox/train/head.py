@@ -5,18 +5,82 @@ batch into their (N,) log-probs. With ``chunk_size`` rows per chunk, the forward
 hidden states and, per token, the target logit and the logsumexp; the backward recomputes each
 chunk's logits. Peak head memory is O(chunk_size * V) instead of O(N * V), and the values and
 gradients are those of the plain ``log_softmax(head(hidden))[target]``.
+
+A :class:`LogitTransform` applies what a model does to ``head(hidden)`` before returning its
+logits (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's
+``final_logit_softcapping``) inside each chunk, forward and backward.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LOGITS_BUDGET", "chunk_rows", "head_token_logps", "logits_token_logps"]
+__all__ = [
+    "LOGITS_BUDGET",
+    "LogitTransform",
+    "chunk_rows",
+    "head_token_logps",
+    "logit_transform",
+    "logits_token_logps",
+]
 
 # Elements of one chunk's float32 logits (64 MiB): 128 rows at V = 128k, 2,048 at V = 32k.
 LOGITS_BUDGET = 1 << 24
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """``cap * tanh(scale * z / cap)`` of the head's output ``z`` (no cap: ``scale * z``)."""
+
+    scale: float = 1.0
+    cap: float | None = None
+
+    @property
+    def identity(self) -> bool:
+        return self.scale == 1.0 and self.cap is None
+
+    def apply(self, z: Tensor) -> Tensor:
+        """The model's logits from the head's (n, V) output ``z``."""
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.cap is not None:
+            z = torch.tanh(z / self.cap) * self.cap
+        return z
+
+    def grad(self, logits: Tensor, grad_logits: Tensor) -> Tensor:
+        """d loss / d z from d loss / d logits, given the transformed ``logits`` (in place)."""
+        if self.cap is not None:
+            t = logits / self.cap
+            grad_logits.mul_(1.0 - t * t)
+        if self.scale != 1.0:
+            grad_logits.mul_(self.scale)
+        return grad_logits
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def logit_transform(config: object) -> LogitTransform:
+    """The known transforms a Hugging Face ``config`` names after the LM head.
+
+    ``logits_scaling`` divides (Granite), ``logit_scale`` multiplies (Cohere),
+    ``final_logit_softcapping`` caps (Gemma 2 / 3). A transform that is not listed here is found
+    by the route probe (:mod:`rlox.train.probe`), which then runs the model's own forward.
+    """
+    scale = 1.0
+    divide = _number(getattr(config, "logits_scaling", None))
+    if divide:
+        scale /= divide
+    multiply = _number(getattr(config, "logit_scale", None))
+    if multiply is not None:
+        scale *= multiply
+    cap = _number(getattr(config, "final_logit_softcapping", None))
+    return LogitTransform(scale, cap or None)
 
 
 def chunk_rows(logits_chunk_size: int | None, vocab: int) -> int:
@@ -50,7 +114,7 @@ class _ChunkedLogps(torch.autograd.Function):
     """(N,) log p(target) of ``hidden @ weight.T + bias``, chunk by chunk (see module doc)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, wpo):  # noqa: ANN001, ANN205
+    def forward(ctx, hidden, weight, bias, targets, chunk, wpo, transform):  # noqa: ANN001, ANN205
         n = hidden.shape[0]
         token = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -60,7 +124,7 @@ class _ChunkedLogps(torch.autograd.Function):
             end = min(start + chunk, n)
             logits = F.linear(hidden[start:end], weight, bias)
             ctx.compute_dtype = logits.dtype  # the autocast dtype, when autocast is on
-            logits = logits.float()
+            logits = transform.apply(logits.float())
             lse[start:end] = logits.logsumexp(-1)
             token[start:end] = (
                 logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
@@ -69,6 +133,7 @@ class _ChunkedLogps(torch.autograd.Function):
                 sum_sq = (2 * logits).logsumexp(-1) - 2 * lse[start:end]
                 stat[start:end] = token[start:end] - sum_sq
         ctx.chunk = chunk
+        ctx.transform = transform
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         if stat is None:
             return token, torch.empty(0, device=hidden.device)
@@ -89,14 +154,14 @@ class _ChunkedLogps(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end].to(dtype)
-            logits = F.linear(h, w, b).float()
+            logits = ctx.transform.apply(F.linear(h, w, b).float())
             # d log p(t) / d logits = onehot(t) - softmax; times the incoming gradient.
             probs = torch.exp(logits - lse[start:end, None])
-            del logits
             rows = torch.arange(end - start, device=probs.device)
             probs[rows, targets[start:end]] -= 1.0
-            g = (probs * -grad_token[start:end, None]).to(dtype)
-            del probs
+            probs.mul_(-grad_token[start:end, None])
+            g = ctx.transform.grad(logits, probs).to(dtype)
+            del logits, probs
             if grad_h is not None:
                 grad_h[start:end] = (g @ w).to(hidden.dtype)
             if ctx.needs_input_grad[1]:
@@ -105,19 +170,31 @@ class _ChunkedLogps(torch.autograd.Function):
                 grad_b += g.float().sum(0)
         grad_w_out = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b_out = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w_out, grad_b_out, None, None, None
+        return grad_h, grad_w_out, grad_b_out, None, None, None, None
 
 
 def head_token_logps(
-    hidden: Tensor, head: nn.Module, targets: Tensor, chunk_size: int, wpo: bool = False
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    chunk_size: int,
+    wpo: bool = False,
+    transform: LogitTransform | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(N,) float32 log p(target) of the LM head ``head`` on (N, H) ``hidden``, and with ``wpo``
-    the (N,) no-grad WPO statistic of :func:`logits_token_logps`.
+    the (N,) no-grad WPO statistic of :func:`logits_token_logps`. ``transform``: what the model
+    does to the head's output before its logits (:func:`logit_transform`).
 
     ``chunk_size`` rows of logits exist at a time (0 = all N at once, the plain path). Heads
     that are not a plain ``nn.Linear`` (adapters, hooks, sharded weights) run unchunked.
     """
+    transform = transform or LogitTransform()
     if chunk_size == 0 or not _chunkable(head) or hidden.shape[0] == 0:
-        return logits_token_logps(head(hidden), targets, wpo)
-    token, stat = _ChunkedLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, wpo)
+        logits = head(hidden)
+        if not transform.identity:
+            logits = transform.apply(logits.float())
+        return logits_token_logps(logits, targets, wpo)
+    token, stat = _ChunkedLogps.apply(
+        hidden, head.weight, head.bias, targets, chunk_size, wpo, transform
+    )
     return token, stat if wpo else None

@@ -19,15 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from rlox.attention import ForwardKeywords, forward_keywords, route_context
+from rlox.attention_varlen import PlanUse
 from rlox.batch import PairBatch, collate_pairs
-from rlox.train import head, moe
-from rlox.train.distributed import is_fsdp_root
+from rlox.train import head, moe, probe
+from rlox.train.distributed import is_fsdp_root, unwrap
 
 __all__ = [
     "SequenceStats",
     "accepted_kwargs",
     "is_peft",
     "model_vocab_size",
+    "resolve_route",
     "sequence_logps",
     "sequence_stats",
     "split_head",
@@ -71,14 +73,16 @@ def accepted_kwargs(model: nn.Module, attention: str = "auto") -> ForwardKeyword
     return ForwardKeywords(frozenset(params) & names, attention, model)
 
 
-def _forward_kwargs(batch: PairBatch, accepted: frozenset[str], model: nn.Module) -> dict[str, Any]:
+def _forward_kwargs(
+    batch: PairBatch, accepted: frozenset[str], model: nn.Module, route: str
+) -> dict[str, Any]:
     """Keywords for ``model``'s forward; the mask or segments of its route (:mod:`rlox.attention`)."""
     if batch.layout != "padded" and not {"attention_mask", "position_ids"} <= accepted:
         raise TypeError(
             f"model: the {batch.layout} layout needs a forward that accepts attention_mask "
             "(an (R, 1, L, L) mask, see rlox.attention) and position_ids"
         )
-    kwargs: dict[str, Any] = forward_keywords(model, batch, accepted)
+    kwargs: dict[str, Any] = forward_keywords(model, batch, accepted, route)
     if "position_ids" in accepted:
         kwargs["position_ids"] = batch.position_ids
     if "use_cache" in accepted:
@@ -105,8 +109,10 @@ def is_peft(model: nn.Module) -> bool:
     )
 
 
-def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder, lm_head) of a Hugging Face causal LM whose logits are lm_head(last hidden)."""
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module, head.LogitTransform] | None:
+    """(decoder, lm_head, transform) of a Hugging Face causal LM whose logits are
+    ``transform(lm_head(last hidden))``, with the known transforms of :func:`head.logit_transform`
+    (whether the model's logits really are that is checked by :mod:`rlox.train.probe`)."""
     if is_fsdp_root(model):
         # Calling the parts directly would skip the root's hook that gathers its own shards
         # (embeddings, final norm, head): run the whole forward instead.
@@ -123,15 +129,12 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     config = getattr(model, "config", None)
     if not isinstance(base, nn.Module) or base is model or not callable(get_head):
         return None
-    head = get_head()
-    if not isinstance(head, nn.Linear) or config is None:
+    lm_head = get_head()
+    if not isinstance(lm_head, nn.Linear) or config is None:
         return None
     if getattr(config, "is_encoder_decoder", False):
         return None
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return None
-    return base, head
+    return base, lm_head, head.logit_transform(config)
 
 
 def _router_logits(out: Any) -> tuple[Tensor, ...] | None:
@@ -191,35 +194,76 @@ def _full_forward(
 
 
 def _plan_outputs(
-    model: nn.Module, batch: PairBatch, accepted: frozenset[str], router_aux: bool = False
-) -> tuple[Tensor, nn.Module | None, Tensor | None]:
+    model: nn.Module,
+    batch: PairBatch,
+    accepted: frozenset[str],
+    route: probe.Route,
+    router_aux: bool = False,
+) -> tuple[Tensor, nn.Module | None, head.LogitTransform | None, Tensor | None]:
     """What predicts the gather plan's (row, position) points, and with ``router_aux`` the ()
     router load-balancing loss (see :func:`_router_loss`).
 
-    ``(hidden (N, H), lm_head, aux)`` where the head splits off (Hugging Face causal LMs,
-    ``hidden_at=`` of :class:`rlox.models.TinyCausalLM`), else ``(logits (N, V), None, aux)``.
+    ``(hidden (N, H), lm_head, transform, aux)`` where the head splits off (``route.split``:
+    Hugging Face causal LMs, ``hidden_at=`` of :class:`rlox.models.TinyCausalLM`), else
+    ``(logits (N, V), None, None, aux)``.
     """
-    kwargs = _forward_kwargs(batch, accepted, model)
+    kwargs = _forward_kwargs(batch, accepted, model, route.attention)
     points = (batch.plan_row, batch.plan_position)
     get_head = getattr(model, "get_output_embeddings", None)
-    if "hidden_at" in accepted and callable(get_head) and not router_aux:
-        return model(batch.input_ids, hidden_at=points, **kwargs), get_head(), None
+    if "hidden_at" in accepted and callable(get_head) and not router_aux and route.split:
+        return model(batch.input_ids, hidden_at=points, **kwargs), get_head(), None, None
     if "logits_at" in accepted and not router_aux:
-        return model(batch.input_ids, logits_at=points, **kwargs), None, None
+        return model(batch.input_ids, logits_at=points, **kwargs), None, None, None
     if moe.is_moe(model):
         # Explicit either way: a config default of True would otherwise have the full forward
         # compute an aux loss (wasted work, and an error under a 4-D attention mask).
         kwargs["output_router_logits"] = router_aux
-    # The head split needs the router loss computable from the decoder's router logits.
-    split = split_head(model) if not router_aux or moe.can_compute_loss(model) else None
+    split = _split(model, router_aux) if route.split else None
     if split is None:
         logits, aux = _full_forward(model, batch, kwargs, router_aux)
-        return logits, None, aux
-    base, head = split
+        return logits, None, None, aux
+    base, lm_head, transform = split
     out = base(batch.input_ids, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     aux = _router_loss(model, batch, _router_logits(out), None) if router_aux else None
-    return hidden[points], head, aux
+    return hidden[points], lm_head, transform, aux
+
+
+def _split(model: nn.Module, router_aux: bool):  # noqa: ANN202
+    """:func:`split_head`, where the router loss (if asked) is computable from the decoder."""
+    return split_head(model) if not router_aux or moe.can_compute_loss(model) else None
+
+
+def _can_split(model: nn.Module, accepted: frozenset[str]) -> bool:
+    if "hidden_at" in accepted:
+        return callable(getattr(model, "get_output_embeddings", None))
+    return split_head(model) is not None
+
+
+def _route_token_logps(
+    model: nn.Module, accepted: frozenset[str], batch: PairBatch, attention: str, split: bool
+) -> tuple[Tensor, PlanUse | None]:
+    """(N,) token log-probs of ``batch`` by one route (the probe's runner), and its plan use."""
+    route = probe.Route(attention, split)
+    with route_context(model, batch, accepted, attention) as run:
+        x, lm_head, transform, _ = _plan_outputs(model, batch, accepted, route)
+        if lm_head is None:
+            token, _ = head.logits_token_logps(x, batch.plan_target, False)
+        else:
+            token, _ = head.head_token_logps(x, lm_head, batch.plan_target, 0, False, transform)
+    return token, run.plan_use
+
+
+def resolve_route(model: nn.Module, layout: str, accepted: frozenset[str]) -> probe.Route:
+    """The verified route of ``model`` for ``layout`` (:func:`rlox.train.probe.resolve`)."""
+    model = unwrap(model)
+    return probe.resolve(
+        model,
+        layout,
+        accepted,
+        lambda b, attention, split: _route_token_logps(model, accepted, b, attention, split),
+        _can_split(model, accepted),
+    )
 
 
 def _head_vocab(lm_head: nn.Module) -> int:
@@ -295,8 +339,9 @@ def sequence_stats(
     batch = batch.to(device)
     b = batch.num_pairs
     amp = nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
-    with route_context(model, batch, accepted), amp:
-        x, lm_head, aux = _plan_outputs(model, batch, accepted, router_aux)
+    route = resolve_route(model, batch.layout, accepted)
+    with route_context(model, batch, accepted, route.attention), amp:
+        x, lm_head, transform, aux = _plan_outputs(model, batch, accepted, route, router_aux)
         n = batch.plan_target.shape[0]
         vocab = x.shape[-1] if lm_head is None else _head_vocab(lm_head)
         if x.dim() != 2 or x.shape[0] != n:
@@ -314,7 +359,9 @@ def sequence_stats(
             token_logps, wpo_stat = head.logits_token_logps(x, batch.plan_target, wpo)
         else:
             rows = head.chunk_rows(logits_chunk_size, vocab)
-            token_logps, wpo_stat = head.head_token_logps(x, lm_head, batch.plan_target, rows, wpo)
+            token_logps, wpo_stat = head.head_token_logps(
+                x, lm_head, batch.plan_target, rows, wpo, transform
+            )
     index = batch.plan_side * b + batch.plan_pair
     weights = None if wpo_stat is None else _sequence_means(wpo_stat, index, 2 * b)
     if ld_alpha is not None and ld_alpha != 1.0:
