@@ -42,6 +42,7 @@ __all__ = [
     "forward_keywords",
     "inner_model",
     "model_keywords",
+    "plain_implementation",
     "route_context",
 ]
 
@@ -433,7 +434,9 @@ def alibi_positions(model: nn.Module, position_ids: Tensor) -> Iterator[None]:
 
             def build(mask, num_heads, dtype, _module=module, _own=own):  # noqa: ANN001, ANN202
                 rows, length = position_ids.shape
-                ones = torch.ones(rows, max(length, 2), dtype=torch.long, device=position_ids.device)
+                ones = torch.ones(
+                    rows, max(length, 2), dtype=torch.long, device=position_ids.device
+                )
                 slopes = _own(_module, ones, num_heads, torch.float32).view(rows, num_heads, -1)
                 bias = slopes[:, :, 1:2] * position_ids[:, None, :].float()
                 return bias.reshape(rows * num_heads, 1, length).to(dtype)
@@ -445,6 +448,26 @@ def alibi_positions(model: nn.Module, position_ids: Tensor) -> Iterator[None]:
     finally:
         for module in patched:
             del module.build_alibi_tensor
+
+
+@contextlib.contextmanager
+def plain_implementation(model: nn.Module) -> Iterator[None]:
+    """Run a Hugging Face model whose implementation is not ``"eager"``, ``"sdpa"`` or
+    ``"rlox_varlen"`` (flash, flex, kernels-hub, unknown names) on eager attention inside the
+    block: the plain computation those implementations are meant to equal, on any device."""
+    inner = inner_model(model)
+    impl = attn_implementation(inner)
+    if impl is None or impl in ("eager", "sdpa", VARLEN_IMPLEMENTATION):
+        yield
+        return
+    before = _implementations(inner)
+    for config, _ in before:
+        config._attn_implementation_internal = "eager"
+    try:
+        yield
+    finally:
+        for config, value in before:
+            config._attn_implementation_internal = value
 
 
 def _checkpointing(model: nn.Module) -> bool:

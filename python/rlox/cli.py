@@ -144,15 +144,6 @@ def _pad_id(tokenizer: Any) -> int | None:
     return None
 
 
-def _model_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
@@ -314,6 +305,7 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
     from rlox import DPO
     from rlox.hf import frozen_copy, is_peft_model, load_pretrained, save_pretrained
     from rlox.trackers import report_to_names, require_trackers
+    from rlox.train.positions import resolve_max_length
 
     require_trackers(report_to_names(config.report_to))  # before the model loads
     if config.threads is not None:
@@ -326,11 +318,10 @@ def train(config: TrainConfig, *, debug: bool = False) -> Path:
         )
     if config.tokenizer is not None:
         tokenizer = load_tokenizer(config.tokenizer)
-    positions = _model_positions(model)
-    if positions is not None and (config.max_length is None or config.max_length > positions):
-        raise UsageError(
-            f"max_length: {config.max_length} exceeds the model's {positions} positions"
-        )
+    try:
+        resolve_max_length(model, config.max_length)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
     progress = config.progress
     train_ds = _load_dataset(config.data, tokenizer, "data", progress=progress)
     if config.eval_data is not None:
@@ -391,6 +382,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rlox import DPO
     from rlox.hf import is_peft_model, load_pretrained
+    from rlox.train.positions import resolve_max_length
 
     if args.precomputed_reference and args.ref_model is not None:
         raise UsageError("--precomputed-reference: give it or --ref-model, not both")
@@ -408,11 +400,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             ref, _ = load_pretrained(args.ref_model, dtype=args.dtype, device=device)
     if args.tokenizer is not None:
         tokenizer = load_tokenizer(args.tokenizer, "--tokenizer")
-    positions = _model_positions(model)
-    if positions is not None and (args.max_length is None or args.max_length > positions):
-        raise UsageError(
-            f"--max-length: {args.max_length} exceeds the model's {positions} positions"
-        )
+    try:
+        resolve_max_length(model, args.max_length)
+    except ValueError as err:
+        raise UsageError(f"--{err}".replace("max_length", "max-length", 1)) from None
     reference_free = ref is None and not is_peft_model(model) and not args.precomputed_reference
     if reference_free:
         print(

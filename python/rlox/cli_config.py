@@ -239,8 +239,9 @@ class TrainConfig:
     )
     attention: str = _dpo(
         "attention",
-        choice_kind(("auto", "flex", "varlen", "dense")),
-        "how packed / prefix_shared rows attend: auto, flex (CUDA), varlen or dense",
+        choice_kind(("auto", "flex", "varlen", "dense", "eager")),
+        "how packed / prefix_shared rows attend: auto (the first route the probe finds exact), "
+        "flex (CUDA), varlen, dense or eager",
     )
     logits_chunk_size: int | None = _dpo(
         "logits_chunk_size",

@@ -187,7 +187,10 @@ class EvalOptions:
         choices=("padded", "packed", "prefix_shared"),
     )
     max_length: int | None = option(
-        1024, "truncate prompt + completion to N tokens (default: 1024)", kind=_OPTIONAL_INT
+        None,
+        "truncate prompt + completion to N tokens (default: the smaller of the model's "
+        "positions and the longest sequence in the data)",
+        kind=_OPTIONAL_INT,
     )
     max_prompt_length: int | None = option(
         None, "truncate prompts to N tokens first (default: none)", kind=_OPTIONAL_INT

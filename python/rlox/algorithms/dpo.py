@@ -8,6 +8,7 @@ Direct Preference Optimization (Rafailov et al., 2023) for PyTorch causal langua
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -24,13 +25,14 @@ from rlox.data import PreferenceDataset
 from rlox.losses import SORTED_TYPES, check_loss_options
 from rlox.optimizers import default_optimizer
 from rlox.tracking import RECORD_METRICS
-from rlox.train import dropout, execution, loop, objective, reference, saved
+from rlox.train import dropout, execution, loop, objective, positions, reference, saved
 from rlox.train.config import DPOConfig, EvalConfig, FitConfig, ReferenceConfig
 from rlox.train.distributed import process_group, unwrap
 from rlox.train.logps import (
     accepted_kwargs,
     is_peft,
     model_vocab_size,
+    resolve_route,
     sequence_logps,
 )
 from rlox.train.loop import FitResult, fit_step, schedule_factor
@@ -394,7 +396,7 @@ class DPO:
         batch_size: int | None = None,
         max_tokens: int | None = None,
         layout: str = "padded",
-        max_length: int | None = 1024,
+        max_length: int | None = None,
         max_prompt_length: int | None = None,
         truncation: str = "keep_end",
         pack_length: int | None = None,
@@ -487,6 +489,8 @@ class DPO:
         if eval_dataset is not None:
             _check_dataset("eval_dataset", eval_dataset)
         cfg = _options(FitConfig, locals())
+        cfg = _with_max_length(self, cfg, train_dataset, eval_dataset)
+        self._resolve_routes(cfg.layout)
         return loop.fit(self, train_dataset, eval_dataset, cfg, callback)
 
     # ------------------------------------------------------------------ evaluation
@@ -497,7 +501,7 @@ class DPO:
         batch_size: int | None = None,
         max_tokens: int | None = None,
         layout: str = "padded",
-        max_length: int | None = 1024,
+        max_length: int | None = None,
         max_prompt_length: int | None = None,
         truncation: str = "keep_end",
         pack_length: int | None = None,
@@ -514,7 +518,8 @@ class DPO:
         share and the sums are all-reduced.
         """
         _check_dataset("dataset", dataset)
-        cfg = _options(EvalConfig, locals())
+        cfg = _with_max_length(self, _options(EvalConfig, locals()), dataset)
+        self._resolve_routes(cfg.layout)
         data_kw = cfg.data_kwargs()
         previous = self._autocast
         self._autocast = cfg.autocast
@@ -533,7 +538,7 @@ class DPO:
         batch_size: int | None = None,
         max_tokens: int | None = None,
         layout: str = "padded",
-        max_length: int | None = 1024,
+        max_length: int | None = None,
         max_prompt_length: int | None = None,
         truncation: str = "keep_end",
         pack_length: int | None = None,
@@ -561,7 +566,18 @@ class DPO:
                 "sync_ref_model: TR-DPO moves the reference during training, so precomputed "
                 "reference log-probs would go stale"
             )
-        return reference.precompute(self, dataset, _options(ReferenceConfig, locals()))
+        cfg = _with_max_length(self, _options(ReferenceConfig, locals()), dataset)
+        self._resolve_routes(cfg.layout)
+        return reference.precompute(self, dataset, cfg)
+
+    def _resolve_routes(self, layout: str) -> None:
+        """Probe (once) how the policy and the reference run ``layout`` and the padded stand-in
+        batch (:mod:`rlox.train.probe`), on every rank at the same point; ``ValueError`` where
+        no route is exact."""
+        for name in dict.fromkeys((layout, "padded")):
+            resolve_route(self.model, name, self._policy_kwargs)
+            if self.ref_model is not None and self._ref_kwargs is not None:
+                resolve_route(self.ref_model, name, self._ref_kwargs)
 
     # ------------------------------------------------------------------ reference cache
     def _collate_kwargs(self, data_kw: dict[str, Any]) -> dict[str, Any]:
@@ -625,6 +641,13 @@ def _check_dataset(name: str, dataset: Any) -> None:
 def _fields_of(config: type[Any], given: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``given`` named like the fields of dataclass ``config``."""
     return {f.name: given[f.name] for f in fields(config)}
+
+
+def _with_max_length(trainer: DPO, cfg: _C, *datasets: Any) -> _C:
+    """``cfg`` with ``max_length`` checked against the policy's positions, or defaulted to the
+    smaller of them and the longest sequence of ``datasets`` (:mod:`rlox.train.positions`)."""
+    value = positions.resolve_max_length(trainer.model, cfg.max_length, datasets)  # type: ignore[attr-defined]
+    return dataclasses.replace(cfg, max_length=value)  # type: ignore[type-var]
 
 
 def _options(config: type[_C], given: dict[str, Any]) -> _C:

@@ -186,7 +186,11 @@ class DataConfig:
     """How each pair is truncated and laid out in a batch (see ``PreferenceDataset.collate``)."""
 
     layout: str = _opt("padded", "batch layout: padded, packed or prefix_shared")
-    max_length: int | None = _opt(1024, "longest prompt + completion sequence, in tokens")
+    max_length: int | None = _opt(
+        None,
+        "longest prompt + completion sequence, in tokens (unset: the smaller of the model's "
+        "positions and the longest sequence in the data)",
+    )
     max_prompt_length: int | None = _opt(None, "cut prompts to this many tokens first")
     truncation: str = _opt("keep_end", "which prompt tokens to keep: keep_end or keep_start")
     pack_length: int | None = _opt(

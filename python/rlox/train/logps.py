@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from rlox.attention import ForwardKeywords, forward_keywords, route_context
 from rlox.attention_varlen import PlanUse
 from rlox.batch import PairBatch, collate_pairs
-from rlox.train import head, moe, probe
+from rlox.train import head, moe, positions, probe
 from rlox.train.distributed import is_fsdp_root, unwrap
 
 __all__ = [
@@ -332,6 +332,7 @@ def sequence_stats(
         )
     if accepted is None:
         accepted = accepted_kwargs(model)
+    positions.check_batch(model, batch)
     device = next(model.parameters()).device
     targets = batch.plan_target
     # The largest target id, read where the batch lives now (no device sync for a CPU batch).

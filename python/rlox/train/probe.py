@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from rlox import _rlox
-from rlox.attention import candidate_routes, inner_model
+from rlox.attention import candidate_routes, inner_model, plain_implementation
 from rlox.attention_varlen import PlanUse
 from rlox.batch import PairBatch, batch_from_arrays
 from rlox.train.distributed import process_group
@@ -222,6 +222,19 @@ def _check(model, run, batch, expected, attention, split, tol) -> tuple[bool, st
     return error is None, error or ""
 
 
+def _warn_head(model: nn.Module, name: str) -> None:
+    """Warn once per model that its head does not split off."""
+    if model.__dict__.get("_rlox_head_warned"):
+        return
+    model.__dict__["_rlox_head_warned"] = True
+    warnings.warn(
+        f"{name}: the LM head at completion positions differs from the model's logits (a "
+        "transform after the head that rlox does not know); running the model's full forward "
+        "instead",
+        stacklevel=5,
+    )
+
+
 def _search(model, layout, accepted, run, split_ok) -> _Verdict:
     inner = inner_model(model)
     dtype = next(inner.parameters()).dtype
@@ -231,19 +244,15 @@ def _search(model, layout, accepted, run, split_ok) -> _Verdict:
     batch, sequences = probe_batch(inner, layout, vocab)
     device = next(inner.parameters()).device
     batch = batch.to(device)
-    expected = _alone(model, batch, sequences)
+    with plain_implementation(inner):
+        expected = _alone(model, batch, sequences)
     tried = []
     for attention in candidate_routes(model, layout, accepted):
         for split in (True, False) if split_ok else (False,):
             ok, why = _check(model, run, batch, expected, attention, split, tol)
             if ok:
                 if split_ok and not split:
-                    warnings.warn(
-                        f"{name}: the LM head at completion positions differs from the model's "
-                        "logits (a transform after the head that rlox does not know); running "
-                        "the model's full forward instead",
-                        stacklevel=4,
-                    )
+                    _warn_head(inner, name)
                 return _Verdict(Route(attention, split), tried)
             head = "split head" if split else "full forward"
             tried.append(f"{attention} ({head}): {why}")
