@@ -98,6 +98,7 @@ def test_lm_head_runs_only_at_plan_points(dataset, tiny_model):
     batch = dataset.collate(np.arange(8), layout="prefix_shared")
     n = batch.plan_row.shape[0]
     seen = []
+    sequence_logps(tiny_model, batch)  # the first call also probes the route
     hook = tiny_model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     try:
         with torch.no_grad():
@@ -108,6 +109,7 @@ def test_lm_head_runs_only_at_plan_points(dataset, tiny_model):
 
     gpt2 = hf_models()[0]
     seen.clear()
+    sequence_logps(gpt2, batch)
     hook = gpt2.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     try:
         with torch.no_grad():

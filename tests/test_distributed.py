@@ -370,6 +370,7 @@ def run_job(root: Path, name: str, rank: int, world: int) -> None:
         ref = shard(ref)
     extra = SYNC_KW if job.get("trainer_kw") == "sync" else {}
     trainer = DPO(model, ref, **TRAINER_KW, **extra)
+    trainer.check_layout(FIT_KW.get("layout", "padded"))  # the route probe runs full forwards
     head_inputs: set[int] = set()
     policy.lm_head.register_forward_hook(lambda m, args, out: head_inputs.add(args[0].dim()))
     seen: list[dict[str, float]] = []

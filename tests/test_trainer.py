@@ -319,6 +319,7 @@ def test_raw_collate_matches_python_wrapper(case):
 def test_forward_kwargs_are_passed():
     model = make_model(KwargsCausalLM, seed=3)
     batch = rlox.collate_pairs(PROMPT, CHOSEN, REJECTED, pad_token_id=PAD)
+    rlox.sequence_logps(model, batch)  # the first call also probes the route
     model.calls.clear()
     rlox.sequence_logps(model, batch)
     (call,) = model.calls
@@ -328,6 +329,8 @@ def test_forward_kwargs_are_passed():
     assert call["use_cache"] is False
 
     var = make_model(VarKwargsCausalLM, seed=3)
+    rlox.sequence_logps(var, batch)
+    var.seen.clear()
     got = rlox.sequence_logps(var, batch)
     assert var.seen == [{"attention_mask", "position_ids"}]
     torch.testing.assert_close(got.double(), unpadded_reference(var), rtol=0, atol=1e-5)
@@ -337,6 +340,7 @@ def test_trainer_passes_kwargs_to_policy_and_reference():
     policy, ref = make_pair(KwargsCausalLM, seed=4)
     trainer = rlox.DPO(policy, ref, pad_token_id=PAD)
     batch = rlox.collate_pairs(PROMPT, CHOSEN, REJECTED, pad_token_id=PAD)
+    trainer.check_layout("padded")
     policy.calls.clear()
     ref.calls.clear()
     trainer.train_step(prompt=PROMPT, chosen=CHOSEN, rejected=REJECTED)
@@ -460,6 +464,9 @@ def test_one_forward_per_model_per_step():
     ref.register_forward_hook(lambda m, args, out: calls["ref"].append(args[0].shape))
     trainer = rlox.DPO(policy, ref, pad_token_id=PAD)
     batch = rlox.collate_pairs(PROMPT, CHOSEN, REJECTED, pad_token_id=PAD)
+    trainer.check_layout("padded")  # the route probe's forwards, once per model
+    calls["policy"].clear()
+    calls["ref"].clear()
     for step in range(1, 4):
         trainer.train_step(prompt=PROMPT, chosen=CHOSEN, rejected=REJECTED)
         # chosen and rejected go through each model together as ONE (2B, L) batch

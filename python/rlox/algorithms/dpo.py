@@ -37,6 +37,7 @@ from rlox.train.logps import (
 )
 from rlox.train.loop import FitResult, fit_step, schedule_factor
 from rlox.train.moe import router_aux_coef
+from rlox.train.probe import Route
 from rlox.train.reference import CachedReference, ReferenceLogps, weights_digest
 from rlox.train.sync import ReferenceSync
 
@@ -490,7 +491,7 @@ class DPO:
             _check_dataset("eval_dataset", eval_dataset)
         cfg = _options(FitConfig, locals())
         cfg = _with_max_length(self, cfg, train_dataset, eval_dataset)
-        self._resolve_routes(cfg.layout)
+        self.check_layout(cfg.layout)
         return loop.fit(self, train_dataset, eval_dataset, cfg, callback)
 
     # ------------------------------------------------------------------ evaluation
@@ -519,7 +520,7 @@ class DPO:
         """
         _check_dataset("dataset", dataset)
         cfg = _with_max_length(self, _options(EvalConfig, locals()), dataset)
-        self._resolve_routes(cfg.layout)
+        self.check_layout(cfg.layout)
         data_kw = cfg.data_kwargs()
         previous = self._autocast
         self._autocast = cfg.autocast
@@ -567,17 +568,23 @@ class DPO:
                 "reference log-probs would go stale"
             )
         cfg = _with_max_length(self, _options(ReferenceConfig, locals()), dataset)
-        self._resolve_routes(cfg.layout)
+        self.check_layout(cfg.layout)
         return reference.precompute(self, dataset, cfg)
 
-    def _resolve_routes(self, layout: str) -> None:
-        """Probe (once) how the policy and the reference run ``layout`` and the padded stand-in
-        batch (:mod:`rlox.train.probe`), on every rank at the same point; ``ValueError`` where
-        no route is exact."""
-        for name in dict.fromkeys((layout, "padded")):
-            resolve_route(self.model, name, self._policy_kwargs)
+    def check_layout(self, layout: str) -> dict[str, Route]:
+        """How the policy (and the reference) run ``layout``: the verified route of each.
+
+        Runs the route probe (:mod:`rlox.train.probe`) for ``layout`` and for the padded layout
+        of the one-pair stand-in batch, once per model; ``fit``, ``evaluate`` and
+        ``precompute_reference`` call it first, so every rank probes at the same point.
+        ``ValueError`` (``TypeError`` for an interface mismatch) where no route is exact.
+        """
+        routes = {}
+        for name in dict.fromkeys(("padded", layout)):
+            routes["policy"] = resolve_route(self.model, name, self._policy_kwargs)
             if self.ref_model is not None and self._ref_kwargs is not None:
-                resolve_route(self.ref_model, name, self._ref_kwargs)
+                routes["reference"] = resolve_route(self.ref_model, name, self._ref_kwargs)
+        return routes
 
     # ------------------------------------------------------------------ reference cache
     def _collate_kwargs(self, data_kw: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,19 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
+def reshard(module: nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state (a root keeps its gathered weights after
+    a forward without backward; writing to those would be lost at the next reshard, and the
+    optimizer holds the sharded ones)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def is_fsdp_root(model: nn.Module) -> bool:
     """Whether ``model`` itself was sharded with FSDP2 ``fully_shard``."""
     try:

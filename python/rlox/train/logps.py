@@ -254,8 +254,11 @@ def _route_token_logps(
     return token, run.plan_use
 
 
-def resolve_route(model: nn.Module, layout: str, accepted: frozenset[str]) -> probe.Route:
-    """The verified route of ``model`` for ``layout`` (:func:`rlox.train.probe.resolve`)."""
+def resolve_route(
+    model: nn.Module, layout: str, accepted: frozenset[str], segments: bool = True
+) -> probe.Route:
+    """The verified route of ``model`` for ``layout`` (:func:`rlox.train.probe.resolve`);
+    ``segments``: whether the batches carry ``attn_segments``."""
     model = unwrap(model)
     return probe.resolve(
         model,
@@ -263,6 +266,7 @@ def resolve_route(model: nn.Module, layout: str, accepted: frozenset[str]) -> pr
         accepted,
         lambda b, attention, split: _route_token_logps(model, accepted, b, attention, split),
         _can_split(model, accepted),
+        segments,
     )
 
 
@@ -340,7 +344,8 @@ def sequence_stats(
     batch = batch.to(device)
     b = batch.num_pairs
     amp = nullcontext() if autocast is None else torch.autocast(device.type, dtype=autocast)
-    route = resolve_route(model, batch.layout, accepted)
+    segments = batch.layout == "padded" or batch.attn_segments is not None
+    route = resolve_route(model, batch.layout, accepted, segments)
     with route_context(model, batch, accepted, route.attention), amp:
         x, lm_head, transform, aux = _plan_outputs(model, batch, accepted, route, router_aux)
         n = batch.plan_target.shape[0]

@@ -38,7 +38,7 @@ from rlox import _rlox
 from rlox.attention import candidate_routes, inner_model, plain_implementation
 from rlox.attention_varlen import PlanUse
 from rlox.batch import PairBatch, batch_from_arrays
-from rlox.train.distributed import process_group
+from rlox.train.distributed import process_group, reshard
 
 __all__ = ["TOLERANCE", "Route", "checkpointing", "probe_batch", "resolve"]
 
@@ -168,7 +168,8 @@ def _ranks(seq: Tensor, position: Tensor, n: int) -> Tensor:
 
 @contextlib.contextmanager
 def _quiet(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, compiled forwards run eagerly; training modes restored."""
+    """Eval mode, no gradients, compiled forwards run eagerly; training modes restored and FSDP2
+    modules resharded (a root keeps its gathered weights after a forward without backward)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     stance = getattr(torch.compiler, "set_stance", None)
@@ -179,6 +180,7 @@ def _quiet(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+        reshard(model)
 
 
 def _agree(value: float, device: torch.device) -> float:
@@ -195,20 +197,23 @@ def _agree(value: float, device: torch.device) -> float:
 class _Verdict:
     route: Route | None
     tried: list[str]
+    interface: bool = False  # every route failed with a TypeError (the model's interface)
 
 
 def _measure(run: Runner, batch: PairBatch, expected: Tensor, attention: str, split: bool):
-    """(difference in units of tolerance-scale, plan use) of one route; inf on an error."""
+    """(difference relative to max(1, |log p|), plan use, error) of one route; inf on an error."""
     try:
         got, use = run(batch, attention, split)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as err:
-        return float("inf"), None, f"{type(err).__name__}: {err}"
+        return float("inf"), None, err
     diff = (got.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)
     return float(diff), use, None
 
 
-def _check(model, run, batch, expected, attention, split, tol) -> tuple[bool, str]:
-    diff, use, error = _measure(run, batch, expected, attention, split)
+def _check(model, run, batch, expected, attention, split, tol) -> tuple[bool, str, bool]:
+    """(exact, why not, whether the failure was a TypeError) of one route."""
+    diff, use, raised = _measure(run, batch, expected, attention, split)
+    error = None if raised is None else f"{type(raised).__name__}: {raised}"
     diff = _agree(diff, expected.device)
     if error is None and use is not None and use.keywords + use.block == 0:
         error = "the model never called the per-segment attention"
@@ -219,7 +224,7 @@ def _check(model, run, batch, expected, attention, split, tol) -> tuple[bool, st
         )
     if error is None and not diff <= tol:
         error = f"log-probs differ from the model's own forward by {diff:.3g} (tolerance {tol:.0e})"
-    return error is None, error or ""
+    return error is None, error or "", isinstance(raised, TypeError)
 
 
 def _warn_head(model: nn.Module, name: str) -> None:
@@ -235,21 +240,26 @@ def _warn_head(model: nn.Module, name: str) -> None:
     )
 
 
-def _search(model, layout, accepted, run, split_ok) -> _Verdict:
+def _search(model, layout, accepted, run, split_ok, routes) -> _Verdict | None:
+    """The first exact route, or None when the model's own forward is not finite (no verdict)."""
     inner = inner_model(model)
     dtype = next(inner.parameters()).dtype
     tol = TOLERANCE.get(dtype, 1e-4)
-    vocab = _vocab(inner)
     name = type(inner).__name__
-    batch, sequences = probe_batch(inner, layout, vocab)
     device = next(inner.parameters()).device
-    batch = batch.to(device)
     with plain_implementation(inner):
+        # The ids every part of the model takes, its head's output included.
+        scored = _logits(model(torch.zeros(1, 2, dtype=torch.long, device=device))).shape[-1]
+        batch, sequences = probe_batch(inner, layout, min(_vocab(inner), scored))
+        batch = batch.to(device)
         expected = _alone(model, batch, sequences)
-    tried = []
-    for attention in candidate_routes(model, layout, accepted):
+    if not bool(torch.isfinite(expected).all()):
+        return None
+    tried, interface = [], True
+    for attention in routes:
         for split in (True, False) if split_ok else (False,):
-            ok, why = _check(model, run, batch, expected, attention, split, tol)
+            ok, why, type_error = _check(model, run, batch, expected, attention, split, tol)
+            interface &= type_error
             if ok:
                 if split_ok and not split:
                     _warn_head(inner, name)
@@ -257,15 +267,24 @@ def _search(model, layout, accepted, run, split_ok) -> _Verdict:
             head = "split head" if split else "full forward"
             tried.append(f"{attention} ({head}): {why}")
             _LOG.info("attention: %s %s on %s is not exact: %s", layout, attention, name, why)
-    return _Verdict(None, tried)
+    return _Verdict(None, tried, interface and bool(tried))
 
 
 def _vocab(model: nn.Module) -> int:
+    """The ids every part of the model takes: the smallest of its config's vocabulary, its
+    input embedding and its output head."""
+    sizes = []
     size = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(size, int) and size > 0:
-        return size
-    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
-    return min(sizes) if sizes else 2
+        sizes.append(size)
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        part = getattr(model, getter, lambda: None)()
+        weight = getattr(part, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 2:
+            sizes.append(int(weight.shape[0]))
+    if not sizes:
+        sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(2, min(sizes)) if sizes else 2
 
 
 def resolve(
@@ -274,28 +293,41 @@ def resolve(
     accepted: frozenset[str],
     run: Runner,
     split_ok: bool,
+    segments: bool = True,
 ) -> Route:
     """The verified :class:`Route` of ``model`` for ``layout`` (probed once, then cached).
 
     ``run(batch, attention, split)`` runs rlox's path; ``split_ok``: whether the LM head can
-    split off at all. ``ValueError`` when no candidate route is exact, naming the model class,
-    the layout, each route tried and why it was refused.
+    split off at all; ``segments``: whether the batches carry ``attn_segments`` (``"varlen"``
+    needs them). ``ValueError`` when no candidate route is exact, naming the model class, the
+    layout, each route tried and why it was refused (``TypeError`` when every route failed on
+    the model's interface). A model whose own forward gives non-finite log-probs cannot be
+    checked: the first candidate runs, and the probe runs again next time.
     """
     inner = inner_model(model)
     asked = getattr(accepted, "attention", "auto")
+    routes = candidate_routes(model, layout, accepted)
+    if not segments:
+        if routes == ["varlen"]:
+            raise ValueError("attention: 'varlen' needs a batch with attn_segments")
+        routes = [r for r in routes if r != "varlen"]
     dtype = next(inner.parameters()).dtype
-    key = (layout, asked, dtype, checkpointing(model), split_ok)
+    key = (layout, asked, dtype, checkpointing(model), split_ok, segments)
     cache = inner.__dict__.setdefault(_CACHE, {})
     if key not in cache:
         with _quiet(model):
-            cache[key] = _search(model, layout, accepted, run, split_ok)
+            verdict = _search(model, layout, accepted, run, split_ok, routes)
+        if verdict is None:
+            return Route(routes[0], split_ok)
+        cache[key] = verdict
     verdict = cache[key]
     if verdict.route is not None:
         return verdict.route
     name = type(inner).__name__
     reasons = "; ".join(verdict.tried) or "no route can run it"
     hint = "" if asked == "auto" else " (attention='auto' tries every route)"
-    raise ValueError(
+    error = TypeError if verdict.interface else ValueError
+    raise error(
         f"attention: {name} cannot run the {layout} layout exactly with attention={asked!r}"
         f"{hint}: {reasons}"
     )

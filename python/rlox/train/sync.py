@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlox.train.distributed import full_tensor, unwrap
+from rlox.train.distributed import full_tensor, reshard, unwrap
 
 __all__ = ["ReferenceSync", "check_sync_pair"]
 
@@ -44,18 +44,6 @@ def check_sync_pair(policy: nn.Module, reference: nn.Module) -> None:
             )
 
 
-def _reshard(module: nn.Module) -> None:
-    """Put FSDP2 modules back into their sharded state (a root keeps its gathered weights after
-    a forward; writing to those would be lost at the next reshard)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
 @torch.no_grad()
 def mix_reference(policy: nn.Module, reference: nn.Module, alpha: float) -> None:
     """``reference <- alpha * policy + (1 - alpha) * reference``, parameter by parameter.
@@ -64,8 +52,8 @@ def mix_reference(policy: nn.Module, reference: nn.Module, alpha: float) -> None
     differently): every rank must call it.
     """
     dtensor = _dtensor()
-    _reshard(unwrap(policy))
-    _reshard(reference)
+    reshard(unwrap(policy))
+    reshard(reference)
     pol = dict(unwrap(policy).named_parameters())
     for name, r in reference.named_parameters():
         p = pol[name].detach()
