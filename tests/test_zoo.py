@@ -25,6 +25,7 @@ LAYOUTS = ("padded", "packed", "prefix_shared")
 SETUPS = (("eager", "auto"), ("sdpa", "auto"), ("sdpa", "eager"))
 BETA = 0.1
 PACK = {"packed": 24, "prefix_shared": 48}
+REFUSED: set[tuple[str, str, str, str]] = set()
 
 
 def _pairs(window: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -71,6 +72,15 @@ def _dtype(name: str) -> torch.dtype:
     return torch.float32 if name in zoo.FLOAT32_ONLY else torch.float64
 
 
+def _tolerance(name: str, impl: str, attention: str) -> float:
+    """1e-6 in float64; Hugging Face eager attention takes its softmax in float32 (1e-5), and
+    models whose kernels lack float64 run in float32, where a batch and a single sequence round
+    differently (2e-3 of the largest gradient)."""
+    if name in zoo.FLOAT32_ONLY:
+        return 2e-3
+    return 1e-5 if "eager" in (impl, attention) else 1e-6
+
+
 def _setups(name: str) -> list[tuple[str, str]]:
     return [s for s in SETUPS if s[0] != "sdpa" or name not in zoo.NO_SDPA]
 
@@ -104,24 +114,37 @@ def test_one_step_equals_each_sequence_alone(name, impl, attention):
         batch = dataset.collate(
             range(b), layout=layout, max_length=None, pack_length=PACK.get(layout)
         )
-        metrics = trainer.train_step(batch)
         where = f"{name} {impl} attention={attention} {layout}"
+        try:
+            metrics = trainer.train_step(batch)
+        except (TypeError, ValueError) as err:
+            # A refusal names the model class and the layout, and leaves the weights alone.
+            assert type(model).__name__ in str(err) and layout in str(err), (where, str(err))
+            assert all(torch.equal(start[n], p) for n, p in model.named_parameters()), where
+            REFUSED.add((name, impl, attention, layout))
+            continue
         assert metrics["skipped"] == 0.0, where
+        tol = _tolerance(name, impl, attention)
         got = torch.tensor(
             [metrics["chosen_logps"], metrics["rejected_logps"]], dtype=torch.float64
         )
         want = torch.stack([want_logps[:b].mean(), want_logps[b:].mean()])
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=where)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=where)
+        # Relative to each parameter's largest gradient, or to 1e-3 of the model's largest where
+        # a parameter's gradient is that much smaller (rounding is then relative to the model).
+        floor = 1e-3 * max(float(g.abs().max()) for g in want_grads.values())
         for n, p in model.named_parameters():
             step = start[n] - p.detach()
             grad = want_grads.get(n, torch.zeros_like(step))
-            scale = float(grad.abs().max()) + 1e-12
+            scale = max(float(grad.abs().max()), floor)
             err = float((step - grad).abs().max()) / scale
-            assert err <= 1e-6, f"{where}: {n} off by {err:.2e} of its largest gradient"
+            assert err <= tol, f"{where}: {n} off by {err:.2e} of its largest gradient"
 
 
 @pytest.mark.parametrize("name", sorted(zoo.MOE & set(zoo.ARCHITECTURES)))
 def test_router_loss_equals_the_models_own(name):
+    """The load-balancing loss rlox adds equals the model's own ``aux_loss`` over the same real
+    tokens: the padded batch's, and a packed batch's where the model can run packed rows."""
     model = zoo.cached(name, _dtype(name), "eager")
     prompts, chosen, rejected = _pairs(0)
     dataset = PreferenceDataset.from_lists(prompts, chosen, rejected)
@@ -132,11 +155,21 @@ def test_router_loss_equals_the_models_own(name):
         ).aux_loss
         for layout in ("padded", "packed"):
             batch = dataset.collate(range(3), layout=layout, max_length=None)
-            aux = sequence_stats(model, batch, accepted_kwargs(model), router_aux=True).aux_loss
-            torch.testing.assert_close(aux.double(), own.double(), rtol=1e-6, atol=1e-9)
+            try:
+                stats = sequence_stats(model, batch, accepted_kwargs(model), router_aux=True)
+            except ValueError as err:
+                assert layout != "padded" and "cannot run the packed layout" in str(err)
+                continue
+            torch.testing.assert_close(
+                stats.aux_loss.double(), own.double(), rtol=1e-6, atol=1e-9, msg=layout
+            )
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.ARCHITECTURES if n not in zoo.NO_BF16])
+# Their own forward fails in bfloat16 (a float32 buffer meets bfloat16 weights).
+BF16_BROKEN = frozenset({"inkling2_text", "inkling2_loop_text"})
+
+
+@pytest.mark.parametrize("name", [n for n in zoo.ARCHITECTURES if n not in BF16_BROKEN])
 def test_bf16_smoke(name):
     model = copy.deepcopy(zoo.cached(name, torch.float32, "eager")).to(torch.bfloat16)
     prompts, chosen, rejected = _pairs(_window(model))
@@ -147,7 +180,11 @@ def test_bf16_smoke(name):
         batch = dataset.collate(
             range(3), layout=layout, max_length=None, pack_length=PACK.get(layout)
         )
-        metrics = trainer.compute_loss(batch)
+        try:
+            metrics = trainer.compute_loss(batch)
+        except (TypeError, ValueError) as err:
+            assert type(model).__name__ in str(err) and layout in str(err), str(err)
+            continue
         assert torch.isfinite(torch.tensor(metrics["loss"])), f"{name} {layout}"
         mean = float(want[:3].mean())
         assert abs(metrics["chosen_logps"] - mean) <= 0.05 * max(1.0, abs(mean)), f"{name} {layout}"

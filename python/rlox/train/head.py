@@ -83,6 +83,11 @@ def logit_transform(config: object) -> LogitTransform:
     return LogitTransform(scale, cap or None)
 
 
+def _precise(x: Tensor) -> Tensor:
+    """``x`` in the head's working precision: float64 stays, anything else becomes float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def chunk_rows(logits_chunk_size: int | None, vocab: int) -> int:
     """Rows per chunk: ``logits_chunk_size`` when given (0 = unchunked), else
     ``LOGITS_BUDGET // vocab`` (at least 1)."""
@@ -92,9 +97,9 @@ def chunk_rows(logits_chunk_size: int | None, vocab: int) -> int:
 
 
 def logits_token_logps(logits: Tensor, targets: Tensor, wpo: bool) -> tuple[Tensor, Tensor | None]:
-    """(N,) float32 log p(target) from (N, V) logits, and with ``wpo`` the (N,) no-grad
-    ``log p(target) - log sum_v p(v)^2`` (WPO, Zhou et al. 2024)."""
-    logits = logits.float()
+    """(N,) float32 (float64 for float64 logits) log p(target) from (N, V) logits, and with
+    ``wpo`` the (N,) no-grad ``log p(target) - log sum_v p(v)^2`` (WPO, Zhou et al. 2024)."""
+    logits = _precise(logits)
     lse = logits.logsumexp(-1)
     token = logits.gather(1, targets[:, None]).squeeze(1) - lse
     if not wpo:
@@ -116,15 +121,16 @@ class _ChunkedLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk, wpo, transform):  # noqa: ANN001, ANN205
         n = hidden.shape[0]
-        token = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        stat = torch.empty(n, dtype=torch.float32, device=hidden.device) if wpo else None
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        token = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        stat = torch.empty(n, dtype=acc, device=hidden.device) if wpo else None
         ctx.compute_dtype = weight.dtype
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
             logits = F.linear(hidden[start:end], weight, bias)
             ctx.compute_dtype = logits.dtype  # the autocast dtype, when autocast is on
-            logits = transform.apply(logits.float())
+            logits = transform.apply(_precise(logits))
             lse[start:end] = logits.logsumexp(-1)
             token[start:end] = (
                 logits.gather(1, targets[start:end, None]).squeeze(1) - lse[start:end]
@@ -146,15 +152,16 @@ class _ChunkedLogps(torch.autograd.Function):
         dtype = ctx.compute_dtype
         w = weight.to(dtype)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         grad_b = None
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
         b = None if bias is None else bias.to(dtype)
         for start in range(0, hidden.shape[0], ctx.chunk):
             end = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:end].to(dtype)
-            logits = ctx.transform.apply(F.linear(h, w, b).float())
+            logits = ctx.transform.apply(F.linear(h, w, b).to(acc))
             # d log p(t) / d logits = onehot(t) - softmax; times the incoming gradient.
             probs = torch.exp(logits - lse[start:end, None])
             rows = torch.arange(end - start, device=probs.device)
@@ -165,9 +172,9 @@ class _ChunkedLogps(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[start:end] = (g @ w).to(hidden.dtype)
             if ctx.needs_input_grad[1]:
-                grad_w.addmm_(g.t().float(), h.float())
+                grad_w.addmm_(g.t().to(acc), h.to(acc))
             if grad_b is not None:
-                grad_b += g.float().sum(0)
+                grad_b += g.to(acc).sum(0)
         grad_w_out = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_b_out = None if grad_b is None else grad_b.to(bias.dtype)
         return grad_h, grad_w_out, grad_b_out, None, None, None, None
@@ -192,7 +199,7 @@ def head_token_logps(
     if chunk_size == 0 or not _chunkable(head) or hidden.shape[0] == 0:
         logits = head(hidden)
         if not transform.identity:
-            logits = transform.apply(logits.float())
+            logits = transform.apply(_precise(logits))
         return logits_token_logps(logits, targets, wpo)
     token, stat = _ChunkedLogps.apply(
         hidden, head.weight, head.bias, targets, chunk_size, wpo, transform

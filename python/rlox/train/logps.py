@@ -40,7 +40,7 @@ __all__ = [
 class SequenceStats(NamedTuple):
     """What :func:`sequence_stats` computes from one forward of a batch of B pairs."""
 
-    logps: Tensor  # (2B,) float32, chosen then rejected: summed completion log-probs
+    logps: Tensor  # (2B,) float32 (float64 for a float64 model), chosen then rejected
     wpo_log_weights: Tensor | None  # (2B,) float32 without gradient: log of the WPO weight
     aux_loss: Tensor | None  # () with gradient: the MoE router load-balancing loss
 
@@ -166,7 +166,11 @@ def _router_loss(
 
 
 def _full_forward(
-    model: nn.Module, batch: PairBatch, kwargs: dict[str, Any], router_aux: bool
+    model: nn.Module,
+    batch: PairBatch,
+    kwargs: dict[str, Any],
+    router_aux: bool,
+    finite: list[bool] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`_plan_outputs` through the model's whole forward (its LM head over every position)."""
     dense = router_aux and batch.layout != "padded"
@@ -187,6 +191,8 @@ def _full_forward(
             f"model: expected logits of shape ({rows}, {length}, V), got {tuple(logits.shape)}"
         )
     points = (batch.plan_row, batch.plan_position)
+    if finite is not None:
+        finite.append(bool(torch.isfinite(logits).all()))
     if not router_aux:
         return logits[points], None
     own = None if dense else getattr(out, "aux_loss", None)
@@ -199,9 +205,12 @@ def _plan_outputs(
     accepted: frozenset[str],
     route: probe.Route,
     router_aux: bool = False,
+    finite: list[bool] | None = None,
 ) -> tuple[Tensor, nn.Module | None, head.LogitTransform | None, Tensor | None]:
     """What predicts the gather plan's (row, position) points, and with ``router_aux`` the ()
-    router load-balancing loss (see :func:`_router_loss`).
+    router load-balancing loss (see :func:`_router_loss`). ``finite``, when given, gets whether
+    the forward's whole (R, L, .) output is finite (padding included: a non-finite value there
+    turns gradients into NaN).
 
     ``(hidden (N, H), lm_head, transform, aux)`` where the head splits off (``route.split``:
     Hugging Face causal LMs, ``hidden_at=`` of :class:`rlox.models.TinyCausalLM`), else
@@ -220,11 +229,13 @@ def _plan_outputs(
         kwargs["output_router_logits"] = router_aux
     split = _split(model, router_aux) if route.split else None
     if split is None:
-        logits, aux = _full_forward(model, batch, kwargs, router_aux)
+        logits, aux = _full_forward(model, batch, kwargs, router_aux, finite)
         return logits, None, None, aux
     base, lm_head, transform = split
     out = base(batch.input_ids, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if finite is not None:
+        finite.append(bool(torch.isfinite(hidden).all()))
     aux = _router_loss(model, batch, _router_logits(out), None) if router_aux else None
     return hidden[points], lm_head, transform, aux
 
@@ -240,18 +251,21 @@ def _can_split(model: nn.Module, accepted: frozenset[str]) -> bool:
     return split_head(model) is not None
 
 
-def _route_token_logps(
+def _route_log_softmax(
     model: nn.Module, accepted: frozenset[str], batch: PairBatch, attention: str, split: bool
 ) -> tuple[Tensor, PlanUse | None]:
-    """(N,) token log-probs of ``batch`` by one route (the probe's runner), and its plan use."""
+    """(N, V) float64 log-softmax at the plan's points by one route (the probe's runner), and
+    its varlen plan use. A split head applies its logit transform as the chunked head does."""
     route = probe.Route(attention, split)
+    finite: list[bool] = []
     with route_context(model, batch, accepted, attention) as run:
-        x, lm_head, transform, _ = _plan_outputs(model, batch, accepted, route)
-        if lm_head is None:
-            token, _ = head.logits_token_logps(x, batch.plan_target, False)
-        else:
-            token, _ = head.head_token_logps(x, lm_head, batch.plan_target, 0, False, transform)
-    return token, run.plan_use
+        x, lm_head, transform, _ = _plan_outputs(model, batch, accepted, route, finite=finite)
+        if lm_head is not None:
+            x = lm_head(x).double()
+            x = x if transform is None else transform.apply(x)
+    if not all(finite):
+        raise ValueError("the forward's outputs are not finite at padding or masked positions")
+    return torch.log_softmax(x.double(), -1), run.plan_use
 
 
 def resolve_route(
@@ -264,7 +278,7 @@ def resolve_route(
         model,
         layout,
         accepted,
-        lambda b, attention, split: _route_token_logps(model, accepted, b, attention, split),
+        lambda b, attention, split: _route_log_softmax(model, accepted, b, attention, split),
         _can_split(model, accepted),
         segments,
     )
@@ -300,9 +314,9 @@ def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
 def _sequence_means(per_token: Tensor, index: Tensor, n: int) -> Tensor:
     """(n,) mean of the (N,) ``per_token`` values of each sequence (``index``), no gradient."""
     with torch.no_grad():
-        sums = torch.zeros(n, dtype=torch.float32, device=per_token.device)
+        sums = torch.zeros(n, dtype=per_token.dtype, device=per_token.device)
         sums.index_add_(0, index, per_token)
-        return sums / torch.bincount(index, minlength=n).clamp_min(1)
+        return (sums / torch.bincount(index, minlength=n).clamp_min(1)).float()
 
 
 def sequence_stats(
@@ -318,7 +332,7 @@ def sequence_stats(
 ) -> SequenceStats:
     """Completion log-probs, and optionally WPO weights and the MoE router loss, in one forward.
 
-    ``logps``: (2B,) float32, :func:`sequence_logps`. ``wpo_log_weights`` (``wpo=True``, else
+    ``logps``: (2B,) float32 (float64 for a float64 model), :func:`sequence_logps`. ``wpo_log_weights`` (``wpo=True``, else
     None): (2B,) float32 without gradient, each completion's mean over its tokens of
     log p(y_t) - log sum_v p(v)^2 (TRL's ``use_weighting``); unweighted by ``ld_alpha``, read
     from the plan logits only. ``aux_loss`` (``router_aux=True``, else None): () tensor with
@@ -372,7 +386,8 @@ def sequence_stats(
     weights = None if wpo_stat is None else _sequence_means(wpo_stat, index, 2 * b)
     if ld_alpha is not None and ld_alpha != 1.0:
         token_logps = token_logps * _ld_weights(batch, ld_alpha)
-    logps = torch.zeros(2 * b, dtype=torch.float32, device=device).index_add_(0, index, token_logps)
+    sums = torch.zeros(2 * b, dtype=token_logps.dtype, device=device)
+    logps = sums.index_add_(0, index, token_logps)
     return SequenceStats(logps, weights, aux)
 
 
@@ -385,7 +400,8 @@ def sequence_logps(
     autocast: torch.dtype | None = None,
     logits_chunk_size: int | None = None,
 ) -> Tensor:
-    """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens.
+    """(2B,) float32 sums of log p(token | prefix) over each sequence's completion tokens
+    (float64 for a float64 model: the head then computes in float64 too).
 
     Entries ``0..B-1`` are the chosen sequences, ``B..2B-1`` the rejected ones, in any layout.
     Only the logits that predict completion tokens are normalised (the gather plan); with

@@ -45,19 +45,33 @@ __all__ = ["TOLERANCE", "Route", "checkpointing", "probe_batch", "resolve"]
 _LOG = logging.getLogger("rlox")
 _CACHE = "_rlox_routes"
 
-# Per-token tolerance by parameter dtype, times max(1, |log p|) of the plain forward. rlox's head
-# computes in float32 at least, so float64 models are held to float32 rounding.
+# Tolerance on every log-probability at the plan's points, by the dtype of the model's logits,
+# times max(1, |log p|). Exact routes differ by rounding only (float64: below 1e-8, eager
+# attention's float32 softmax included).
 TOLERANCE = {
-    torch.float64: 1e-5,
-    torch.float32: 1e-4,
+    torch.float64: 1e-7,
+    torch.float32: 5e-5,
     torch.bfloat16: 5e-2,
     torch.float16: 1e-2,
 }
 
-# Two pairs: prompts of 3 and 5 tokens, completions of 4 / 2 (chosen) and 2 / 6 (rejected).
-_LENGTHS = ((3, 4, 2), (5, 2, 6))
-
-
+# Three pairs of (prompt, chosen, rejected) lengths as (base, factor): each part has base +
+# factor * span tokens. Short prompts put completion tokens next to sequence boundaries, long
+# ones give the completions long contexts; unequal lengths give padding runs longer than any
+# attention span in the padded layout.
+_LENGTHS = (((2, 0), (5, 1), (2, 0)), ((1, 0), (3, 0), (6, 2)), ((4, 1), (2, 1), (3, 0)))
+# Attention spans named in configs (sliding windows, chunks, sparse-attention budgets): the probe
+# crosses spans up to this many tokens.
+_MAX_SPAN = 256
+_SPAN_WORDS = (
+    "window",
+    "topk",
+    "top_k_tokens",
+    "chunk_size",
+    "budget",
+    "local_attention",
+    "pool_size",
+)
 @dataclass(frozen=True)
 class Route:
     """How a model runs one layout: the attention route, and whether the LM head splits off."""
@@ -66,7 +80,7 @@ class Route:
     split: bool
 
 
-# runner(batch, attention, split) -> ((N,) token log-probs in plan order, varlen plan use)
+# runner(batch, attention, split) -> ((N, V) float64 log-softmax at the plan's points, plan use)
 Runner = Callable[[PairBatch, str, bool], tuple[Tensor, PlanUse | None]]
 
 
@@ -79,14 +93,22 @@ def checkpointing(model: nn.Module) -> bool:
     return bool(getattr(inner, "checkpointing", False))
 
 
-def _window(model: nn.Module) -> int:
-    window = getattr(getattr(inner_model(model), "config", None), "sliding_window", None)
-    return window if isinstance(window, int) and 0 < window <= 64 else 0
+def _span(config: object, depth: int = 0) -> int:
+    """The largest attention span a config names (windows, chunks, sparse budgets) up to
+    ``_MAX_SPAN``, sub-configs included; 0 when none."""
+    found = 0
+    for key, value in (vars(config).items() if hasattr(config, "__dict__") else ()):
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value <= _MAX_SPAN:
+            if any(word in key for word in _SPAN_WORDS) and "num_" not in key:
+                found = max(found, value)
+        elif depth < 2 and hasattr(value, "to_dict") and hasattr(value, "__dict__"):
+            found = max(found, _span(value, depth + 1))
+    return found
 
 
 def _position_limit(model: nn.Module) -> int | None:
     config = getattr(inner_model(model), "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -96,25 +118,26 @@ def _position_limit(model: nn.Module) -> int | None:
 def probe_batch(model: nn.Module, layout: str, vocab: int) -> tuple[PairBatch, list[list[int]]]:
     """The probe's batch in ``layout`` and its 2B sequences (chosen then rejected, as ids).
 
-    Sequences are long enough to cross a sliding window of up to 64 tokens, so windowed layers
-    are checked too; packed rows are cut at 16 tokens so that they hold padding.
+    Completions grow past the largest attention span the model's config names (up to 256
+    tokens), so sliding windows, attention chunks and sparse budgets are crossed; packed and
+    prefix-shared rows hold several sequences and padding.
     """
-    extra = _window(model)
+    span = _span(getattr(inner_model(model), "config", None)) + 1
     limit = _position_limit(model)
     if limit is not None:
-        extra = min(extra, max(0, limit - 11))
+        span = max(0, min(span, (limit - 11) // 4))
     rng = np.random.default_rng(20241)
-    prompts, chosen, rejected = [], [], []
-    for p, c, r in _LENGTHS:
-        prompts.append(rng.integers(0, vocab, p))
-        chosen.append(rng.integers(0, vocab, c + extra))
-        rejected.append(rng.integers(0, vocab, r + extra))
+    parts: tuple[list[np.ndarray], ...] = ([], [], [])
+    for lengths in _LENGTHS:
+        for part, (base, factor) in zip(parts, lengths, strict=True):
+            part.append(rng.integers(0, vocab, base + factor * span))
+    prompts, chosen, rejected = parts
     columns = []
     for part in (prompts, chosen, rejected):
         offsets = np.cumsum([0] + [len(x) for x in part]).astype(np.int64)
         columns += [np.concatenate(part).astype(np.int32), offsets]
     store = _rlox.PairStore(*columns)
-    pack = {"packed": 16 + 2 * extra, "prefix_shared": 64 + 4 * extra}.get(layout)
+    pack = {"packed": 12 + 3 * span, "prefix_shared": 20 + 5 * span}.get(layout)
     out = store.collate(
         np.arange(len(_LENGTHS), dtype=np.int64),
         layout=layout,
@@ -139,20 +162,21 @@ def _logits(out: object) -> Tensor:
     return out[0]  # type: ignore[index]
 
 
-def _alone(model: nn.Module, batch: PairBatch, sequences: list[list[int]]) -> Tensor:
-    """(N,) log p of each plan point's target, each sequence run alone (plan order)."""
+def _alone(model: nn.Module, batch: PairBatch, sequences: list[list[int]]):  # noqa: ANN202
+    """((N, V) float64 log-softmax at each plan point, each sequence run alone (plan order),
+    the dtype of the model's logits)."""
     device = next(model.parameters()).device
     b = batch.num_pairs
-    per_sequence = []
+    per_sequence, dtype = [], torch.float64
     for i, seq in enumerate(sequences):
-        prompt = _LENGTHS[i % b][0]
-        ids = torch.tensor([seq], device=device)
-        logps = torch.log_softmax(_logits(model(ids)).double()[0], -1)
-        positions = torch.arange(prompt - 1, len(seq) - 1, device=device)
-        per_sequence.append(logps[positions, ids[0, prompt:]])
+        prompt = int(batch.prompt_lengths[i % b])
+        logits = _logits(model(torch.tensor([seq], device=device)))
+        dtype = logits.dtype
+        per_sequence.append(torch.log_softmax(logits.double()[0, prompt - 1 : len(seq) - 1], -1))
     seq = (batch.plan_side * b + batch.plan_pair).to(device)
     rank = _ranks(seq, batch.plan_position.to(device), 2 * b)
-    return torch.stack([per_sequence[int(s)][int(k)] for s, k in zip(seq, rank, strict=True)])
+    rows = [per_sequence[int(s)][int(k)] for s, k in zip(seq, rank, strict=True)]
+    return torch.stack(rows), dtype
 
 
 def _ranks(seq: Tensor, position: Tensor, n: int) -> Tensor:
@@ -201,12 +225,16 @@ class _Verdict:
 
 
 def _measure(run: Runner, batch: PairBatch, expected: Tensor, attention: str, split: bool):
-    """(difference relative to max(1, |log p|), plan use, error) of one route; inf on an error."""
+    """(largest difference of a log-probability relative to max(1, |log p|), plan use, error)
+    of one route over every vocabulary entry at the plan's points; inf on an error."""
     try:
         got, use = run(batch, attention, split)
     except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError) as err:
         return float("inf"), None, err
-    diff = (got.double() - expected).abs().max() / expected.abs().max().clamp_min(1.0)
+    if got.shape != expected.shape:
+        return float("inf"), use, ValueError(f"logits of shape {tuple(got.shape)}")
+    delta = torch.where(got == expected, 0.0, (got - expected).abs())  # equal infinities agree
+    diff = (delta / expected.abs().clamp_min(1.0)).max()
     return float(diff), use, None
 
 
@@ -252,9 +280,10 @@ def _search(model, layout, accepted, run, split_ok, routes) -> _Verdict | None:
         scored = _logits(model(torch.zeros(1, 2, dtype=torch.long, device=device))).shape[-1]
         batch, sequences = probe_batch(inner, layout, min(_vocab(inner), scored))
         batch = batch.to(device)
-        expected = _alone(model, batch, sequences)
+        expected, logits_dtype = _alone(model, batch, sequences)
     if not bool(torch.isfinite(expected).all()):
         return None
+    tol = max(tol, TOLERANCE.get(logits_dtype, tol))
     tried, interface = [], True
     for attention in routes:
         for split in (True, False) if split_ok else (False,):
@@ -268,6 +297,20 @@ def _search(model, layout, accepted, run, split_ok, routes) -> _Verdict | None:
             tried.append(f"{attention} ({head}): {why}")
             _LOG.info("attention: %s %s on %s is not exact: %s", layout, attention, name, why)
     return _Verdict(None, tried, interface and bool(tried))
+
+
+_RECURRENT = ("mamba", "rwkv", "recurrent", "lstm", "mixer", "deltanet", "linearattention", "ssm")
+
+
+def _recurrent(model: nn.Module) -> str | None:
+    """The class name of a recurrent or state-space layer of ``model``, if it has one."""
+    for m in model.modules():
+        name = type(m).__name__
+        if name.endswith(("Model", "ForCausalLM", "LMHeadModel")):
+            continue
+        if any(word in name.lower() for word in _RECURRENT):
+            return name
+    return None
 
 
 def _vocab(model: nn.Module) -> int:
@@ -326,6 +369,12 @@ def resolve(
     name = type(inner).__name__
     reasons = "; ".join(verdict.tried) or "no route can run it"
     hint = "" if asked == "auto" else " (attention='auto' tries every route)"
+    recurrent = _recurrent(inner)
+    if recurrent and layout != "padded":
+        reasons += (
+            f". {name} has recurrent layers ({recurrent}), which carry their state from one "
+            "sequence of a row into the next: use layout='padded'"
+        )
     error = TypeError if verdict.interface else ValueError
     raise error(
         f"attention: {name} cannot run the {layout} layout exactly with attention={asked!r}"
