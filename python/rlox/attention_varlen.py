@@ -5,7 +5,7 @@ batch lists its attention segments, (S, 5) int rows ``[row, q_start, q_end, pref
 prefix_end]``: the queries ``q_start..q_end-1`` of ``row`` attend causally to the keys
 ``q_start..q`` and to every key of ``prefix_start..prefix_end-1``. A packed sequence is one
 segment with an empty prefix; a prefix-shared row ``p c r`` is ``(0, P+C)`` and
-``(P+C, P+C+R)`` with the prefix ``0..P``. Padding lies in no segment; its outputs are zeros.
+``(P+C, P+C+R)`` with the prefix ``0..P``. Padding lies in no segment; it attends to itself alone.
 
 :class:`VarlenPlan` groups the segments of equal shape once per forward, so that each group is
 one batched sdpa call. :func:`varlen_attention` has the signature of transformers'
@@ -190,7 +190,8 @@ def segment_attention(
     """Attention of each segment's queries over its prefix and its causal own keys.
 
     ``query``: (R, H, L, D); ``key``/``value``: (R, Hk, L, D) with Hk dividing H (grouped
-    query attention repeats key heads). Returns (R, L, H, D), zeros outside every segment.
+    query attention repeats key heads). Returns (R, L, H, D); a position outside every segment
+    (padding) gets its own value, as if it attended to itself alone.
     ``window``: a sliding window (keys at most ``window - 1`` positions back), or None.
     """
     rows, heads, length, dim = query.shape
@@ -217,10 +218,13 @@ def segment_attention(
         )
         og = og.transpose(1, 2).reshape(g.count * g.n, heads, -1)
         outs.append(og if g.keep is None else og.index_select(0, g.keep))
-    out = query.new_zeros(rows * length, heads, value.shape[-1])
+    # A position in no segment (padding) attends to itself alone, as under the dense mask: its
+    # output is its own value, so no layer after attention sees a degenerate all-zero vector
+    # (whose norm would give NaN gradients).
+    out = v.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else v
     if outs:
         out = out.index_copy(0, plan.queries, torch.cat(outs))
-    return out.view(rows, length, heads, -1)
+    return out.reshape(rows, length, heads, -1)
 
 
 def varlen_attention(

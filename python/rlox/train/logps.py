@@ -165,6 +165,14 @@ def _router_loss(
     )
 
 
+def _model_ids(batch: PairBatch) -> Tensor:
+    """(R, L) ids the model runs on: padding repeats its row's first token. No real token sees a
+    padding position (the masks keep it out), so its id changes nothing real; a real id keeps it
+    off a zeroed padding embedding, whose norm some models take (NaN gradients)."""
+    ids = batch.input_ids
+    return torch.where(batch.attention_mask.bool(), ids, ids[:, :1])
+
+
 def _full_forward(
     model: nn.Module,
     batch: PairBatch,
@@ -179,10 +187,10 @@ def _full_forward(
         # the router logits with hooks instead.
         kwargs["output_router_logits"] = False
         with moe.record_router_logits(model) as recorded:
-            out = model(batch.input_ids, **kwargs)
+            out = model(_model_ids(batch), **kwargs)
         router = tuple(recorded)
     else:
-        out = model(batch.input_ids, **kwargs)
+        out = model(_model_ids(batch), **kwargs)
         router = _router_logits(out)
     logits = _as_logits(out)
     rows, length = batch.input_ids.shape
@@ -220,9 +228,9 @@ def _plan_outputs(
     points = (batch.plan_row, batch.plan_position)
     get_head = getattr(model, "get_output_embeddings", None)
     if "hidden_at" in accepted and callable(get_head) and not router_aux and route.split:
-        return model(batch.input_ids, hidden_at=points, **kwargs), get_head(), None, None
+        return model(_model_ids(batch), hidden_at=points, **kwargs), get_head(), None, None
     if "logits_at" in accepted and not router_aux:
-        return model(batch.input_ids, logits_at=points, **kwargs), None, None, None
+        return model(_model_ids(batch), logits_at=points, **kwargs), None, None, None
     if moe.is_moe(model):
         # Explicit either way: a config default of True would otherwise have the full forward
         # compute an aux loss (wasted work, and an error under a 4-D attention mask).
@@ -232,7 +240,7 @@ def _plan_outputs(
         logits, aux = _full_forward(model, batch, kwargs, router_aux, finite)
         return logits, None, None, aux
     base, lm_head, transform = split
-    out = base(batch.input_ids, **kwargs)
+    out = base(_model_ids(batch), **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if finite is not None:
         finite.append(bool(torch.isfinite(hidden).all()))
