@@ -323,7 +323,10 @@ def test_forward_kwargs_are_passed():
     model.calls.clear()
     rlox.sequence_logps(model, batch)
     (call,) = model.calls
-    assert torch.equal(call["input_ids"], batch.input_ids)
+    # Padding runs on its row's first token (a real id, never a zeroed padding embedding).
+    real = batch.attention_mask.bool()
+    assert torch.equal(call["input_ids"][real], batch.input_ids[real])
+    assert torch.equal(call["input_ids"][~real], batch.input_ids[:, :1].expand_as(real)[~real])
     assert torch.equal(call["attention_mask"], batch.attention_mask)
     assert torch.equal(call["position_ids"], batch.position_ids)
     assert call["use_cache"] is False
