@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import sys
 import time
 import warnings
@@ -33,6 +34,19 @@ from rlox.train.logps import accepted_kwargs, resolve_route  # noqa: E402
 LAYOUTS = ("padded", "packed", "prefix_shared")
 
 
+def _why(err: Exception) -> str:
+    """A refusal in a few words."""
+    text = str(err)
+    if "recurrent layers" in text:
+        return "recurrent state"
+    diffs = [
+        float(m) for m in re.findall(r"differ from the model's own forward by ([0-9.e+-]+)", text)
+    ]
+    if diffs:
+        return f"differs by {min(diffs):.0e}"
+    return "error: " + (re.findall(r"\): (\w+Error)", text) or ["?"])[0]
+
+
 def _routes(model: torch.nn.Module) -> tuple[list[str], list[float]]:
     accepted = accepted_kwargs(model)
     names, costs = [], []
@@ -41,35 +55,51 @@ def _routes(model: torch.nn.Module) -> tuple[list[str], list[float]]:
         start = time.perf_counter()
         try:
             route = resolve_route(model, layout, accepted)
-            names.append(f"{route.attention} {'+head' if route.split else 'full'}")
+            names.append(f"{route.attention}{'' if route.split else ' (full)'}")
         except (TypeError, ValueError) as err:
-            names.append(f"refused ({str(err)[:40]})")
+            names.append(f"refused: {_why(err)}")
         costs.append((time.perf_counter() - start) * 1e3)
     return names, costs
 
 
 def zoo_table(markdown: bool) -> None:
-    rows = []
+    """One row per architecture: its routes on sdpa (eager where it has no sdpa), and where
+    they differ, its routes on eager attention."""
+    rows, all_costs = [], []
     for name in zoo.ARCHITECTURES:
         dtype = torch.float32 if name in zoo.FLOAT32_ONLY else torch.float64
+        found = {}
         for impl in ("sdpa", "eager"):
             if impl == "sdpa" and name in zoo.NO_SDPA:
                 continue
             model = copy.deepcopy(zoo.cached(name, dtype, impl))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                names, costs = _routes(model)
-            rows.append((name, impl, str(dtype).removeprefix("torch."), *names, max(costs)))
-    head = ("model_type", "attention", "dtype", *LAYOUTS, "probe ms (max)")
+                found[impl], costs = _routes(model)
+            all_costs += costs
+        first = next(iter(found))
+        eager = found.get("eager")
+        note = ""
+        if first == "sdpa" and eager != found["sdpa"]:
+            note = "eager: " + ", ".join(eager)
+        elif first == "eager":
+            note = "eager only"
+        rows.append((name, str(dtype).removeprefix("torch."), *found[first], note))
+    head = ("model_type", "dtype", *LAYOUTS, "note")
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for r in rows:
-            print("| " + " | ".join(map(str, r[:-1])) + f" | {r[-1]:.0f} |")
-        return
-    print(" ".join(f"{h:>18}" for h in head))
-    for r in rows:
-        print(" ".join(f"{str(v):>18}" for v in r[:-1]) + f" {r[-1]:18.0f}")
+            print("| " + " | ".join(map(str, r)) + " |")
+    else:
+        print(" ".join(f"{h:>22}" for h in head))
+        for r in rows:
+            print(" ".join(f"{str(v):>22}" for v in r))
+    costs = sorted(all_costs)
+    print(
+        f"\nprobe per model and layout: median {costs[len(costs) // 2]:.0f} ms, "
+        f"max {costs[-1]:.0f} ms over {len(costs)} probes"
+    )
 
 
 def big_llama() -> None:

@@ -274,7 +274,8 @@ class TrainConfig:
     max_length: int | None = _fit(
         "max_length",
         int_kind(optional=True),
-        "truncate prompt + completion to this many tokens ('none': no truncation)",
+        "truncate prompt + completion to this many tokens (unset: the smaller of the model's "
+        "positions and the longest sequence in the data)",
     )
     max_prompt_length: int | None = _fit("max_prompt_length", int_kind(optional=True))
     truncation: str = _fit("truncation", choice_kind(("keep_end", "keep_start")))
