@@ -219,9 +219,10 @@ def segment_attention(
         og = og.transpose(1, 2).reshape(g.count * g.n, heads, -1)
         outs.append(og if g.keep is None else og.index_select(0, g.keep))
     # A position in no segment (padding) attends to itself alone, as under the dense mask: its
-    # output is its own value, so no layer after attention sees a degenerate all-zero vector
-    # (whose norm would give NaN gradients).
-    out = v.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else v
+    # output is its own value (no gradient: nothing real depends on it), so no layer after
+    # attention sees a degenerate all-zero vector.
+    own = v.detach()
+    out = own.repeat_interleave(heads // kv_heads, dim=1) if kv_heads != heads else own
     if outs:
         out = out.index_copy(0, plan.queries, torch.cat(outs))
     return out.reshape(rows, length, heads, -1)
