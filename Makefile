@@ -37,6 +37,7 @@ bench: install
 	$(PY) benches/bench_fit.py
 	$(PY) benches/bench_digest.py
 	$(PY) benches/bench_blockmask.py
+	$(PY) benches/bench_probe.py
 	$(PY) benches/bench_train.py --steps 6 --warmup 1 --repeats 1
 	$(PY) benches/bench_scale.py --pairs 2000000 --text-pairs 100000 --batches 200
 
