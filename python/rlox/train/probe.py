@@ -92,7 +92,7 @@ def checkpointing(model: nn.Module) -> bool:
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(inner), name):
             return bool(getattr(inner, name))
-    return bool(getattr(inner, "checkpointing", False))
+    return bool(getattr(inner, "gradient_checkpointing", False))
 
 
 def _span(config: object, depth: int = 0) -> int:
