@@ -29,8 +29,8 @@ VOCAB = 96
 MAX_POSITIONS = 128
 WINDOW = 4
 
-# Merged into every config that has the field (an ``attribute_map`` alias counts).
-_COMMON = dict(
+# The sizes of every model.
+_SIZES = dict(
     vocab_size=VOCAB,
     hidden_size=32,
     num_hidden_layers=2,
@@ -39,6 +39,10 @@ _COMMON = dict(
     head_dim=8,
     intermediate_size=64,
     max_position_embeddings=MAX_POSITIONS,
+)
+# Merged into every config that has the field (an ``attribute_map`` alias counts).
+_COMMON = dict(
+    _SIZES,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,
@@ -87,16 +91,7 @@ _INKLING2 = dict(
     n_layers_per_attn_res_block=1,
     unpadded_vocab_size=VOCAB,
 )
-_BLT_PART = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    max_position_embeddings=MAX_POSITIONS,
-)
+_BLT_PART = dict(_SIZES, num_hidden_layers=1)
 
 # Per-architecture settings, applied over ``_COMMON``.
 _CONFIGS: dict[str, dict] = {

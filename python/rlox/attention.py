@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from rlox.attention_varlen import IMPLEMENTATION as VARLEN_IMPLEMENTATION
-from rlox.attention_varlen import PlanUse
+from rlox.attention_varlen import PlanUse, VarlenPlan, register, segment_masks_off
 from rlox.batch import PairBatch
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "attn_implementation",
     "candidate_routes",
     "check_attention",
+    "checkpointing",
     "forward_keywords",
     "inner_model",
     "model_keywords",
@@ -111,9 +112,7 @@ def _windowed(batch: PairBatch, visible: Tensor, window: int) -> Tensor:
     """``visible`` (R, 1, L, L) within ``window`` tokens by position (keys at most window - 1
     positions before the query, as each sequence alone sees them)."""
     pos = batch.position_ids.to(visible.device)
-    near = (pos[:, :, None] - pos[:, None, :]) < window
-    eye = torch.eye(visible.shape[-1], dtype=torch.bool, device=visible.device)
-    return (visible & near[:, None]) | (visible & eye)
+    return visible & ((pos[:, :, None] - pos[:, None, :]) < window)[:, None]
 
 
 def _mask_form(impl: str | None, model: nn.Module, visible: Tensor) -> Tensor:
@@ -191,8 +190,6 @@ def model_keywords(model: nn.Module, batch: PairBatch) -> dict[str, object]:
         impl is None and "attn_segments" in inspect.signature(inner.forward).parameters
     )
     if takes_segments and getattr(batch, "attn_segments", None) is not None:
-        from rlox.attention_varlen import VarlenPlan
-
         rows, length = batch.input_ids.shape
         return {
             "attn_segments": VarlenPlan(batch.attn_segments, rows, length, batch.input_ids.device)
@@ -345,8 +342,6 @@ def forward_keywords(
     """
     route = route or attention_route(model, batch, accepted)
     if route == "varlen":
-        from rlox.attention_varlen import VarlenPlan
-
         rows, length = batch.input_ids.shape
         plan = VarlenPlan(batch.attn_segments, rows, length, batch.input_ids.device)
         return {"attn_segments": plan}
@@ -395,8 +390,6 @@ def route_context(
     before = None
     if wanted is not None:
         if route == "varlen":
-            from rlox.attention_varlen import register
-
             register()
         if inner.config._attn_implementation != wanted:
             before = _implementations(inner)
@@ -406,16 +399,13 @@ def route_context(
             if batch.layout != "padded":
                 stack.enter_context(alibi_positions(inner, batch.position_ids))
             if route == "varlen" and wanted is not None:
-                from rlox.attention_varlen import VarlenPlan, segment_masks_off
-
                 rows, length = batch.input_ids.shape
                 plan = VarlenPlan(batch.attn_segments, rows, length, batch.input_ids.device)
                 run.plan_use = stack.enter_context(segment_masks_off(plan))
             yield run
     finally:
-        if before is not None and not _checkpointing(inner):
-            for config, value in before:
-                config._attn_implementation_internal = value
+        if before is not None and not checkpointing(inner):
+            _restore(before)
 
 
 @contextlib.contextmanager
@@ -428,9 +418,9 @@ def alibi_positions(model: nn.Module, position_ids: Tensor) -> Iterator[None]:
     ignores a per-query constant, so these biases equal each sequence's own.
     """
     patched = []
-    for module in model.modules():
-        own = getattr(type(module), "build_alibi_tensor", None)
-        if callable(own) and "build_alibi_tensor" not in vars(module):
+    for module in _alibi_modules(model):
+        own = type(module).build_alibi_tensor
+        if "build_alibi_tensor" not in vars(module):
 
             def build(mask, num_heads, dtype, _module=module, _own=own):  # noqa: ANN001, ANN202
                 rows, length = position_ids.shape
@@ -450,6 +440,17 @@ def alibi_positions(model: nn.Module, position_ids: Tensor) -> Iterator[None]:
             del module.build_alibi_tensor
 
 
+def _alibi_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` with a ``build_alibi_tensor`` method, found once per model."""
+    found = model.__dict__.get("_rlox_alibi_modules")
+    if found is None:
+        found = [
+            m for m in model.modules() if callable(getattr(type(m), "build_alibi_tensor", None))
+        ]
+        model.__dict__["_rlox_alibi_modules"] = found
+    return found
+
+
 @contextlib.contextmanager
 def plain_implementation(model: nn.Module) -> Iterator[None]:
     """Run a Hugging Face model whose implementation is not ``"eager"``, ``"sdpa"`` or
@@ -466,16 +467,23 @@ def plain_implementation(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for config, value in before:
-            config._attn_implementation_internal = value
+        _restore(before)
 
 
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether a Hugging Face model recomputes its forward in the backward."""
+def _restore(before: list[tuple[object, object]]) -> None:
+    """Put back the implementations :func:`_implementations` recorded."""
+    for config, value in before:
+        config._attn_implementation_internal = value  # type: ignore[attr-defined]
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` (through DDP and peft wrappers) recomputes its forward in the backward:
+    a Hugging Face model's activation checkpointing, ``TinyCausalLM.gradient_checkpointing``."""
+    inner = inner_model(model)
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
+        if hasattr(type(inner), name):
+            return bool(getattr(inner, name))
+    return bool(getattr(inner, "gradient_checkpointing", False))
 
 
 def _implementations(model: nn.Module) -> list[tuple[object, object]]:

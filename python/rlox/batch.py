@@ -134,6 +134,19 @@ class PairBatch(Mapping):
         """(R, 1, L, L) bool mask, True where a query may attend a key (for small inputs)."""
         return dense_attention_mask(self)
 
+    def plan_ranks(self) -> Tensor:
+        """(N,) each plan point's place in its completion (0 for the first token), in any layout:
+        its rank by position among the points of its sequence (``plan_side * B + plan_pair``)."""
+        seq = self.plan_side * self.num_pairs + self.plan_pair
+        n = seq.shape[0]
+        stride = int(self.plan_position.max()) + 1 if n else 1
+        order = torch.argsort(seq * stride + self.plan_position)
+        counts = torch.bincount(seq, minlength=2 * self.num_pairs)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(seq)
+        rank[order] = torch.arange(n, device=seq.device) - starts[seq[order]]
+        return rank
+
 
 def dense_attention_mask(batch: PairBatch) -> Tensor:
     """Expand a batch's compact attention structure into a (R, 1, L, L) boolean mask.

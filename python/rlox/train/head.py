@@ -14,6 +14,7 @@ logits (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ __all__ = [
     "head_token_logps",
     "logit_transform",
     "logits_token_logps",
+    "model_logits",
 ]
 
 # Elements of one chunk's float32 logits (64 MiB): 128 rows at V = 128k, 2,048 at V = 32k.
@@ -81,6 +83,19 @@ def logit_transform(config: object) -> LogitTransform:
         scale *= multiply
     cap = _number(getattr(config, "final_logit_softcapping", None))
     return LogitTransform(scale, cap or None)
+
+
+def model_logits(out: Any) -> Tensor:
+    """The logits of a model's output: itself, its ``.logits``, or its first item."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(
+        f"model: forward must return logits (B, T, V) or an object with .logits, got {type(out).__name__}"
+    )
 
 
 def _precise(x: Tensor) -> Tensor:

@@ -90,18 +90,6 @@ def _forward_kwargs(
     return kwargs
 
 
-def _as_logits(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(
-        f"model: forward must return logits (B, T, V) or an object with .logits, got {type(out).__name__}"
-    )
-
-
 def is_peft(model: nn.Module) -> bool:
     """Whether ``model`` is a peft ``PeftModel`` (it can run with its adapters disabled)."""
     return callable(getattr(model, "get_base_model", None)) and callable(
@@ -192,7 +180,7 @@ def _full_forward(
     else:
         out = model(_model_ids(batch), **kwargs)
         router = _router_logits(out)
-    logits = _as_logits(out)
+    logits = head.model_logits(out)
     rows, length = batch.input_ids.shape
     if logits.dim() != 3 or logits.shape[:2] != (rows, length):
         raise ValueError(
@@ -306,14 +294,8 @@ def _ld_weights(batch: PairBatch, ld_alpha: float) -> Tensor:
     this holds in every layout.
     """
     b = batch.num_pairs
-    seq = batch.plan_side * b + batch.plan_pair
-    n = seq.shape[0]
-    stride = int(batch.plan_position.max()) + 1 if n else 1
-    order = torch.argsort(seq * stride + batch.plan_position)
-    counts = torch.bincount(seq, minlength=2 * b)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(seq)
-    rank[order] = torch.arange(n, device=seq.device) - starts[seq[order]]
+    rank = batch.plan_ranks()
+    counts = torch.bincount(batch.plan_side * b + batch.plan_pair, minlength=2 * b)
     shorter = torch.minimum(counts[:b], counts[b:])
     inside = rank < shorter[batch.plan_pair]
     return torch.where(inside, 1.0, ld_alpha).to(torch.float32)

@@ -16,7 +16,7 @@ from torch import Tensor
 from rlox.batch import PairBatch
 from rlox.losses import dpo_loss
 from rlox.tracking import RECORD_METRICS
-from rlox.train import execution
+from rlox.train import execution, positions
 from rlox.train.distributed import unwrap
 from rlox.train.logps import sequence_logps, sequence_stats
 from rlox.train.protocol import Trainer
@@ -123,6 +123,7 @@ def batch_loss(
     cfg = trainer.config
     # Training goes through a DDP wrapper (its gradient hooks); evaluation needs none.
     model = trainer.model if training else unwrap(trainer.model)
+    positions.check_batch(model, batch)  # while the batch is on the CPU: no device sync
     batch = batch.to(next(model.parameters()).device)  # once, for policy and reference
     with execution.policy_forward(cfg.activation_offloading and training):
         stats = sequence_stats(

@@ -35,12 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from rlox import _rlox
-from rlox.attention import candidate_routes, inner_model, plain_implementation
+from rlox.attention import candidate_routes, checkpointing, inner_model, plain_implementation
 from rlox.attention_varlen import PlanUse
 from rlox.batch import PairBatch, batch_from_arrays
 from rlox.train.distributed import process_group, reshard
+from rlox.train.head import model_logits
+from rlox.train.positions import position_limit
 
-__all__ = ["TOLERANCE", "Route", "checkpointing", "probe_batch", "resolve"]
+__all__ = ["TOLERANCE", "Route", "probe_batch", "resolve"]
 
 _LOG = logging.getLogger("rlox")
 _CACHE = "_rlox_routes"
@@ -86,15 +88,6 @@ class Route:
 Runner = Callable[[PairBatch, str, bool], tuple[Tensor, PlanUse | None]]
 
 
-def checkpointing(model: nn.Module) -> bool:
-    """Whether ``model`` recomputes its forward in the backward (gradient checkpointing)."""
-    inner = inner_model(model)
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(inner), name):
-            return bool(getattr(inner, name))
-    return bool(getattr(inner, "gradient_checkpointing", False))
-
-
 def _span(config: object, depth: int = 0) -> int:
     """The largest attention span a config names (windows, chunks, sparse budgets) up to
     ``_MAX_SPAN``, sub-configs included; 0 when none."""
@@ -108,15 +101,6 @@ def _span(config: object, depth: int = 0) -> int:
     return found
 
 
-def _position_limit(model: nn.Module) -> int | None:
-    config = getattr(inner_model(model), "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def probe_batch(model: nn.Module, layout: str, vocab: int) -> tuple[PairBatch, list[list[int]]]:
     """The probe's batch in ``layout`` and its 2B sequences (chosen then rejected, as ids).
 
@@ -125,7 +109,7 @@ def probe_batch(model: nn.Module, layout: str, vocab: int) -> tuple[PairBatch, l
     prefix-shared rows hold several sequences and padding.
     """
     span = _span(getattr(inner_model(model), "config", None)) + 1
-    limit = _position_limit(model)
+    limit = position_limit(model)
     if limit is not None:
         span = max(0, min(span, (limit - 11) // 4))
     rng = np.random.default_rng(20241)
@@ -156,14 +140,6 @@ def probe_batch(model: nn.Module, layout: str, vocab: int) -> tuple[PairBatch, l
     return batch, sequences
 
 
-def _logits(out: object) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0]  # type: ignore[index]
-
-
 def _alone(model: nn.Module, batch: PairBatch, sequences: list[list[int]]):  # noqa: ANN202
     """((N, V) float64 log-softmax at each plan point, each sequence run alone (plan order),
     the dtype of the model's logits)."""
@@ -172,24 +148,13 @@ def _alone(model: nn.Module, batch: PairBatch, sequences: list[list[int]]):  # n
     per_sequence, dtype = [], torch.float64
     for i, seq in enumerate(sequences):
         prompt = int(batch.prompt_lengths[i % b])
-        logits = _logits(model(torch.tensor([seq], device=device)))
+        logits = model_logits(model(torch.tensor([seq], device=device)))
         dtype = logits.dtype
         per_sequence.append(torch.log_softmax(logits.double()[0, prompt - 1 : len(seq) - 1], -1))
-    seq = (batch.plan_side * b + batch.plan_pair).to(device)
-    rank = _ranks(seq, batch.plan_position.to(device), 2 * b)
-    rows = [per_sequence[int(s)][int(k)] for s, k in zip(seq, rank, strict=True)]
+    seq = (batch.plan_side * b + batch.plan_pair).tolist()
+    rank = batch.plan_ranks().tolist()
+    rows = [per_sequence[s][k] for s, k in zip(seq, rank, strict=True)]
     return torch.stack(rows), dtype
-
-
-def _ranks(seq: Tensor, position: Tensor, n: int) -> Tensor:
-    """(N,) each plan point's place among the points of its sequence, by position."""
-    stride = int(position.max()) + 1 if position.numel() else 1
-    order = torch.argsort(seq * stride + position)
-    counts = torch.bincount(seq, minlength=n)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(seq)
-    rank[order] = torch.arange(seq.numel(), device=seq.device) - starts[seq[order]]
-    return rank
 
 
 @contextlib.contextmanager
@@ -279,7 +244,7 @@ def _search(model, layout, accepted, run, split_ok, routes) -> _Verdict | None:
     device = next(inner.parameters()).device
     with plain_implementation(inner):
         # The ids every part of the model takes, its head's output included.
-        scored = _logits(model(torch.zeros(1, 2, dtype=torch.long, device=device))).shape[-1]
+        scored = model_logits(model(torch.zeros(1, 2, dtype=torch.long, device=device))).shape[-1]
         batch, sequences = probe_batch(inner, layout, min(_vocab(inner), scored))
         batch = batch.to(device)
         expected, logits_dtype = _alone(model, batch, sequences)
@@ -351,21 +316,21 @@ def resolve(
     """
     inner = inner_model(model)
     asked = getattr(accepted, "attention", "auto")
-    routes = candidate_routes(model, layout, accepted)
-    if not segments:
-        if routes == ["varlen"]:
-            raise ValueError("attention: 'varlen' needs a batch with attn_segments")
-        routes = [r for r in routes if r != "varlen"]
     dtype = next(inner.parameters()).dtype
     key = (layout, asked, dtype, checkpointing(model), split_ok, segments)
     cache = inner.__dict__.setdefault(_CACHE, {})
-    if key not in cache:
+    verdict = cache.get(key)
+    if verdict is None:
+        routes = candidate_routes(model, layout, accepted)
+        if not segments:
+            if routes == ["varlen"]:
+                raise ValueError("attention: 'varlen' needs a batch with attn_segments")
+            routes = [r for r in routes if r != "varlen"]
         with _quiet(model):
             verdict = _search(model, layout, accepted, run, split_ok, routes)
         if verdict is None:
             return Route(routes[0], split_ok)
         cache[key] = verdict
-    verdict = cache[key]
     if verdict.route is not None:
         return verdict.route
     name = type(inner).__name__
